@@ -20,11 +20,15 @@ def _ddim_stride(num_timesteps: int, count: int, spec) -> list:
 
 
 def _quadratic(num_timesteps: int, count: int, spec) -> list:
-    """DDIM's quadratic skip (its best CIFAR-10 FID): tau_i = floor((i * sqrt(0.8 T) / (S - 1))^2)."""
-    steps = (np.linspace(0, np.sqrt(num_timesteps * 0.8), count) ** 2).astype(int)
-    if len(set(steps.tolist())) != count:
-        _fail(spec, f"{count} quadratic steps of T = {num_timesteps} collide; use fewer steps")
-    return steps.tolist()
+    """DDIM's quadratic skip (its best CIFAR-10 FID): tau_i = floor((i * sqrt(0.8 T) / (S - 1))^2).
+
+    DDIM's own sequence repeats its first values (0, 0, 1, ...); a repeated step is moved to the
+    next free index, so exactly S distinct steps are kept and the rest of the sequence is DDIM's.
+    """
+    steps = (np.linspace(0, np.sqrt(num_timesteps * 0.8), count) ** 2).astype(int).tolist()
+    for i in range(1, count):  # stays below T: the sequence ends at 0.8 T and count <= T
+        steps[i] = max(steps[i], steps[i - 1] + 1)
+    return steps
 
 
 def _sections(num_timesteps: int, counts: list, spec) -> list:

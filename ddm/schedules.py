@@ -38,6 +38,9 @@ def get_betas(name: str, num_timesteps: int) -> np.ndarray:
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 2:
         raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
     if name == "linear":
+        if num_timesteps <= 20:  # beta_T = 0.02 * 1000 / T reaches 1
+            raise ValueError(f"the linear schedule scaled by 1000 / T needs num_timesteps > 20 (its last beta "
+                             f"is 20 / T), got {num_timesteps}; use more steps, or 'cosine', or respace")
         return linear_betas(int(num_timesteps))
     if name == "cosine":
         return cosine_betas(int(num_timesteps))
