@@ -1,0 +1,355 @@
+"""The DDPM U-Net (Ho et al. 2020) with the options of improved DDPM, as a `flax.linen` module.
+
+The network maps a noisy image batch and its timestep indices to an image-shaped output; it knows
+nothing of diffusion (what the output means is the diffusion's business).
+
+    model = UNet(ch=128, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), dropout=0.1)
+    variables = model.init({"params": key}, x, t, train=False)
+    out = model.apply(variables, x, t, train=True, rngs={"dropout": key})
+
+Layout and initialisation follow DDPM's TensorFlow code (`diffusion_tf/models/unet.py`): every
+kernel is variance-scaling (scale 1, fan_avg, uniform), every bias zero, and the last layer of each
+branch that is added to a residual stream -- the second conv of each res block, the attention
+output projection and the output conv -- starts at zero (DDPM's `init_scale=0.`, improved
+diffusion's `zero_module`). The options of improved-diffusion / guided-diffusion (Nichol &
+Dhariwal 2021; Dhariwal & Nichol 2021) are off by default.
+
+Paper references used below:
+  DDPM  Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
+  IDDPM Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
+  ADM   Dhariwal, Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis".
+"""
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NUM_GROUPS = 32  # GroupNorm groups, as DDPM and IDDPM.
+NORM_EPS = 1e-6  # tf.contrib.layers.group_norm's epsilon, which DDPM used.
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """DDPM's sinusoidal timestep embedding (the Transformer's, as in tensor2tensor).
+
+    Args:
+      t: (B,) integer (or float) timestep indices.
+      dim: embedding size, even and at least 4.
+      max_period: the longest period, 10000 as in DDPM.
+
+    Returns:
+      (B, dim) float32: [sin(t * f_i) for i < dim/2 | cos(t * f_i) for i < dim/2], with
+      f_i = exp(-log(max_period) * i / (dim/2 - 1)), so f_0 = 1 and f_{dim/2-1} = 1/max_period.
+    """
+    if dim % 2 or dim < 4:
+        raise ValueError(f"timestep_embedding: dim={dim} must be even and at least 4")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def _kernel_init(zero: bool):
+    """DDPM's `default_init(scale=1)`, or zeros for the layers DDPM starts at `init_scale=0`."""
+    if zero:
+        return nn.initializers.zeros
+    return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def _conv(features: int, dtype, *, kernel: int = 3, stride: int = 1, zero: bool = False,
+          name: Optional[str] = None):
+    """A kxk 'SAME' conv (TF padding, so a stride-2 conv pads one pixel right and bottom)."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                   kernel_init=_kernel_init(zero), bias_init=nn.initializers.zeros,
+                   dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _dense(features: int, dtype, *, zero: bool = False, name: Optional[str] = None):
+    """A dense layer on the last axis; on (B, H, W, C) it is DDPM's NIN, a 1x1 conv."""
+    return nn.Dense(features, kernel_init=_kernel_init(zero), bias_init=nn.initializers.zeros,
+                    dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _group_norm(dtype, name: Optional[str] = None):
+    """GroupNorm(32, eps 1e-6); its statistics are computed in float32 even for bf16 compute."""
+    return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=NORM_EPS, dtype=dtype,
+                        param_dtype=jnp.float32, name=name)
+
+
+def _upsample_nearest(x):
+    """(B, H, W, C) -> (B, 2H, 2W, C), each pixel repeated 2x2."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _avg_pool2(x):
+    """(B, H, W, C) -> (B, H/2, W/2, C), mean of each 2x2 block."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Downsample(nn.Module):
+    """Halves H and W: a stride-2 3x3 conv (DDPM, `with_conv=True`) or a 2x2 average pool.
+
+    (B, H, W, C) -> (B, H/2, W/2, C).
+    """
+    with_conv: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.with_conv:
+            return _conv(x.shape[-1], self.dtype, stride=2, name="conv")(x)
+        return _avg_pool2(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour, then a 3x3 conv if `with_conv` (DDPM).
+
+    (B, H, W, C) -> (B, 2H, 2W, C).
+    """
+    with_conv: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = _upsample_nearest(x)
+        if self.with_conv:
+            x = _conv(x.shape[-1], self.dtype, name="conv")(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    """DDPM's residual block, conditioned on the timestep embedding.
+
+    h = conv1(swish(norm1(x))) + dense(swish(emb));  h = conv2(dropout(swish(norm2(h))));
+    out = skip(x) + h. conv2 starts at zero, so the block starts as the skip.
+
+    Attributes:
+      out_ch: output channels.
+      dropout: dropout rate before conv2 (active when `train`; uses the 'dropout' rng).
+      conv_shortcut: when channels change, a 3x3 conv skip instead of DDPM's 1x1 (NIN) one.
+      scale_shift_norm: IDDPM/ADM adaptive group norm: the embedding gives (scale, shift) and
+        norm2's output becomes norm2(h) * (1 + scale) + shift, instead of adding the embedding
+        before norm2 (DDPM).
+      resample: None, "down" or "up": ADM's BigGAN-style block that resamples (2x2 average pool
+        or nearest) both the skip and the main branch, the latter between norm1/swish and conv1.
+      dtype: compute dtype.
+
+    Shapes: x (B, H, W, C), emb (B, E) -> (B, H', W', out_ch), with H' = H, H/2 or 2H.
+    """
+    out_ch: int
+    dropout: float
+    conv_shortcut: bool = False
+    scale_shift_norm: bool = False
+    resample: Optional[str] = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb, *, train: bool):
+        h = nn.swish(_group_norm(self.dtype, "norm1")(x))
+        if self.resample is not None:
+            resample = {"down": _avg_pool2, "up": _upsample_nearest}[self.resample]
+            h, x = resample(h), resample(x)
+        h = _conv(self.out_ch, self.dtype, name="conv1")(h)
+
+        emb_ch = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
+        emb_out = _dense(emb_ch, self.dtype, name="temb_proj")(nn.swish(emb))[:, None, None, :]
+        if self.scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = _group_norm(self.dtype, "norm2")(h) * (1 + scale) + shift
+        else:
+            h = _group_norm(self.dtype, "norm2")(h + emb_out)
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
+        h = _conv(self.out_ch, self.dtype, zero=True, name="conv2")(h)
+
+        if x.shape[-1] != self.out_ch:
+            if self.conv_shortcut:
+                x = _conv(self.out_ch, self.dtype, name="conv_shortcut")(x)
+            else:
+                x = _dense(self.out_ch, self.dtype, name="nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over all H*W positions, with a residual connection.
+
+    One head is DDPM's block; several heads are IDDPM's. q, k, v are separate 1x1 projections
+    of GroupNorm(x) (DDPM), each split into `num_heads` heads of C / num_heads channels; the
+    attention logits are scaled by (C / num_heads) ** -0.5 and the softmax runs in float32. The
+    output projection starts at zero, so the block starts as the identity.
+
+    Shapes: (B, H, W, C) -> (B, H, W, C); C must be divisible by num_heads.
+    """
+    num_heads: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, height, width, c = x.shape
+        head_ch = c // self.num_heads
+        h = _group_norm(self.dtype, "norm")(x)
+        q, k, v = (_dense(c, self.dtype, name=n)(h).reshape(b, height * width, self.num_heads,
+                                                              head_ch)
+                   for n in ("q", "k", "v"))
+        logits = jnp.einsum("bqnd,bknd->bnqk", q, k) * head_ch ** -0.5
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        h = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, height, width, c)
+        return x + _dense(c, self.dtype, zero=True, name="proj_out")(h)
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net with improved DDPM's options.
+
+    The defaults are DDPM's CIFAR-10 network (35.7M parameters for 32x32x3 inputs).
+
+    Attributes:
+      ch: base channel count; level i has ch * ch_mult[i] channels; the timestep embedding has
+        4 * ch. Must be divisible by the 32 GroupNorm groups. (DDPM)
+      ch_mult: channel multiplier per resolution level; the image is halved between levels, so
+        H and W must be divisible by 2 ** (len(ch_mult) - 1). (DDPM)
+      num_res_blocks: res blocks per level on the way down (one more on the way up). (DDPM)
+      attn_resolutions: feature-map sizes (compared with the feature map's height, as DDPM)
+        after whose res blocks a self-attention block is inserted; the middle always has one.
+        Each must occur, i.e. be H / 2**i for some level i. (DDPM)
+      dropout: dropout rate in every res block; 0.1 for DDPM CIFAR-10. (DDPM)
+      out_channels: output channels; None means the input's C. A learned variance passes 2 * C
+        ([mean part | variance part]). (IDDPM)
+      resamp_with_conv: 3x3 convs in the (non-residual) down- and upsampling layers. (DDPM)
+      conv_shortcut: 3x3 conv instead of 1x1 on a res block's skip when channels change. (DDPM's
+        code; off in its runs)
+      resblock_updown: down/upsample with BigGAN-style residual blocks instead of
+        Downsample/Upsample. (ADM, in improved-diffusion's successor guided-diffusion)
+      num_heads: attention heads in every attention block (1 is DDPM). (IDDPM's code)
+      num_head_channels: if > 0, overrides num_heads: each block has channels // num_head_channels
+        heads. (ADM)
+      scale_shift_norm: adaptive group norm in res blocks (see ResBlock). (IDDPM's code; ADM)
+      num_classes: if set, class-conditional: a learned label embedding (num_classes, 4 * ch) is
+        added to the timestep embedding, and `y` is required. (IDDPM's code)
+      dtype: compute dtype (e.g. jnp.bfloat16); parameters are always float32 and the output is
+        float32.
+
+    `__call__(x, t, y=None, *, train)`:
+      x: (B, H, W, C) float images (NHWC, in [-1, 1] by the library's convention).
+      t: (B,) int32 timestep indices.
+      y: (B,) int32 class labels when num_classes is set, else None.
+      train: enables dropout, which draws from the 'dropout' rng.
+      Returns (B, H, W, out_channels or C) float32.
+    """
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.1
+    out_channels: Optional[int] = None
+    resamp_with_conv: bool = True
+    conv_shortcut: bool = False
+    resblock_updown: bool = False
+    num_heads: int = 1
+    num_head_channels: int = -1
+    scale_shift_norm: bool = False
+    num_classes: Optional[int] = None
+    dtype: Any = jnp.float32
+
+    def _heads(self, channels: int) -> int:
+        """Attention heads for a block of `channels` channels; ValueError if they do not fit."""
+        if self.num_head_channels > 0:
+            if channels % self.num_head_channels:
+                raise ValueError(
+                    f"UNet.num_head_channels={self.num_head_channels} must divide the channels of "
+                    f"every attention block, but one has {channels} channels")
+            return channels // self.num_head_channels
+        if self.num_heads < 1 or channels % self.num_heads:
+            raise ValueError(
+                f"UNet.num_heads={self.num_heads} must be a positive divisor of the channels of "
+                f"every attention block, but one has {channels} channels")
+        return self.num_heads
+
+    def _validate(self, x, t, y):
+        """Raises ValueError, naming the field and the allowed values, for a bad config or input."""
+        if x.ndim != 4:
+            raise ValueError(f"UNet: x must be (B, H, W, C), got shape {x.shape}")
+        b, height, width, _ = x.shape
+        if jnp.shape(t) != (b,):
+            raise ValueError(f"UNet: t must have shape (B,) = ({b},), got {jnp.shape(t)}")
+        if self.ch % NUM_GROUPS:
+            raise ValueError(
+                f"UNet.ch={self.ch} must be divisible by the {NUM_GROUPS} GroupNorm groups")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"UNet.ch_mult={tuple(self.ch_mult)} has {len(self.ch_mult)} levels, so image "
+                f"height and width must be divisible by 2**{len(self.ch_mult) - 1}={factor}; got "
+                f"{height}x{width}")
+        sizes = [height // 2 ** i for i in range(len(self.ch_mult))]
+        missing = sorted(set(self.attn_resolutions) - set(sizes))
+        if missing:
+            raise ValueError(
+                f"UNet.attn_resolutions={tuple(self.attn_resolutions)} contains {missing}, which "
+                f"never occur for {height}x{width} inputs; the feature-map sizes are {sizes}")
+        attn_levels = [i for i, s in enumerate(sizes) if s in self.attn_resolutions]
+        for i in attn_levels + [len(self.ch_mult) - 1]:  # the middle block attends too
+            self._heads(self.ch * self.ch_mult[i])
+        if self.num_classes is not None and y is None:
+            raise ValueError(f"UNet.num_classes={self.num_classes}: labels y are required")
+        if self.num_classes is None and y is not None:
+            raise ValueError("UNet.num_classes=None: the model is unconditional, so y must be None")
+        if y is not None and jnp.shape(y) != (b,):
+            raise ValueError(f"UNet: y must have shape (B,) = ({b},), got {jnp.shape(y)}")
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train: bool):
+        self._validate(x, t, y)
+        out_channels = self.out_channels or x.shape[-1]
+        num_levels = len(self.ch_mult)
+
+        emb = timestep_embedding(t, self.ch)
+        emb = _dense(4 * self.ch, self.dtype, name="temb_dense0")(emb)
+        emb = _dense(4 * self.ch, self.dtype, name="temb_dense1")(nn.swish(emb))
+        if self.num_classes is not None:
+            emb = emb + nn.Embed(self.num_classes, 4 * self.ch, dtype=self.dtype,
+                                 param_dtype=jnp.float32, name="label_emb")(y)
+
+        def res_block(h, out_ch, name, resample=None):
+            return ResBlock(out_ch, self.dropout, conv_shortcut=self.conv_shortcut,
+                            scale_shift_norm=self.scale_shift_norm, resample=resample,
+                            dtype=self.dtype, name=name)(h, emb, train=train)
+
+        def attn_block(h, name):
+            return AttnBlock(self._heads(h.shape[-1]), dtype=self.dtype, name=name)(h)
+
+        h = _conv(self.ch, self.dtype, name="conv_in")(x)
+        hs = [h]
+        for level, mult in enumerate(self.ch_mult):
+            for i in range(self.num_res_blocks):
+                h = res_block(h, self.ch * mult, f"down_{level}_block_{i}")
+                if h.shape[1] in self.attn_resolutions:
+                    h = attn_block(h, f"down_{level}_attn_{i}")
+                hs.append(h)
+            if level != num_levels - 1:
+                name = f"down_{level}_downsample"
+                if self.resblock_updown:
+                    h = res_block(h, h.shape[-1], name, resample="down")
+                else:
+                    h = Downsample(self.resamp_with_conv, dtype=self.dtype, name=name)(h)
+                hs.append(h)
+
+        h = res_block(h, h.shape[-1], "mid_block_1")
+        h = attn_block(h, "mid_attn")
+        h = res_block(h, h.shape[-1], "mid_block_2")
+
+        for level in reversed(range(num_levels)):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                h = res_block(h, self.ch * self.ch_mult[level], f"up_{level}_block_{i}")
+                if h.shape[1] in self.attn_resolutions:
+                    h = attn_block(h, f"up_{level}_attn_{i}")
+            if level != 0:
+                name = f"up_{level}_upsample"
+                if self.resblock_updown:
+                    h = res_block(h, h.shape[-1], name, resample="up")
+                else:
+                    h = Upsample(self.resamp_with_conv, dtype=self.dtype, name=name)(h)
+
+        h = nn.swish(_group_norm(self.dtype, "norm_out")(h))
+        h = _conv(out_channels, self.dtype, zero=True, name="conv_out")(h)
+        return h.astype(jnp.float32)

@@ -1,0 +1,186 @@
+"""Tests for ddm.unet: DDPM's parameter count, shapes and dtypes of every option, dropout,
+conditioning on t and y, DDPM's zero-init, per-example independence, and the config errors."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddm.unet import UNet, timestep_embedding
+
+# A tiny network: levels of 8x8 and 4x4 feature maps, attention at 4x4.
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+
+
+def _inputs(batch=2, size=8, channels=3, seed=0):
+    x = jax.random.uniform(jax.random.key(seed), (batch, size, size, channels), minval=-1, maxval=1)
+    t = jnp.arange(batch, dtype=jnp.int32) * 97 + 3
+    return x, t
+
+
+def _random_params(model, x, t, y=None, seed=1):
+    """Parameters of the shapes `init` would give, drawn N(0, 0.1^2) with NumPy.
+
+    This skips the compile of `init` (slow on CPU) and leaves no branch at DDPM's zero init.
+    """
+    shapes = jax.eval_shape(
+        lambda x, t, y: model.init(jax.random.key(0), x, t, y, train=False), x, t, y)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(model, train):
+    return jax.jit(lambda params, x, t, y, rngs: model.apply(
+        {"params": params}, x, t, y, train=train, rngs=rngs))
+
+
+def _apply(model, params, x, t, y=None, *, train=False, rng=None):
+    """model.apply under jit, one compile per (model, train, input shapes)."""
+    rngs = None if rng is None else {"dropout": rng}
+    return _jitted_apply(model, train)(params, x, t, y, rngs)
+
+
+def test_ddpm_cifar10_parameter_count():
+    # 35,746,307 was obtained independently from diffusers 0.42.1 (PyTorch): the parameter count
+    # of UNet2DModel(sample_size=32, in_channels=3, out_channels=3,
+    # block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    # down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    # up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_eps=1e-6,
+    # norm_num_groups=32, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    # attention_head_dim=None), the config of google/ddpm-cifar10-32, a port of DDPM's TF model.
+    # (Porting random weights of a small UNet into that diffusers model also gave our outputs to
+    # 4e-6.)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    model = UNet(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                 out_channels=3)
+    shapes = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t, train=False), x, t)
+    assert sum(math.prod(p.shape) for p in jax.tree.leaves(shapes)) == 35_746_307
+
+
+def test_timestep_embedding_matches_ddpm_closed_form():
+    t = jnp.array([0, 1, 999], jnp.int32)
+    dim = 16
+    freqs = np.exp(-np.log(10000.0) * np.arange(8) / 7)
+    args = np.array([0.0, 1.0, 999.0])[:, None] * freqs[None, :]
+    expected = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    emb = timestep_embedding(t, dim)
+    assert emb.shape == (3, dim) and emb.dtype == jnp.float32
+    np.testing.assert_allclose(emb, expected, atol=2e-4)  # float32 sin of args up to 999
+
+
+@pytest.mark.parametrize("dim", [7, 2])
+def test_timestep_embedding_rejects_bad_dim(dim):
+    with pytest.raises(ValueError, match=f"dim={dim}"):
+        timestep_embedding(jnp.zeros((1,), jnp.int32), dim)
+
+
+@pytest.mark.parametrize("options, size, channels, out_channels", [
+    (dict(), 8, 3, 3),  # DDPM
+    # IDDPM / ADM: learned variance ([mean | variance]), BigGAN up/down, heads of 16 channels,
+    # adaptive group norm.
+    (dict(out_channels=6, resblock_updown=True, num_head_channels=16, scale_shift_norm=True),
+     8, 3, 6),
+    (dict(num_heads=2, resamp_with_conv=False, conv_shortcut=True), 8, 3, 3),
+    (dict(ch_mult=(1, 2, 2), attn_resolutions=(8,)), 16, 1, 1),  # 1-channel 16x16, 3 levels
+])
+def test_output_shape_and_dtype(options, size, channels, out_channels):
+    model = UNet(**{**TINY, **options})
+    x, t = _inputs(size=size, channels=channels)
+    out = _apply(model, _random_params(model, x, t), x, t)
+    assert out.shape == (2, size, size, out_channels) and out.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_class_conditional_uses_labels():
+    model = UNet(**TINY, num_classes=10)
+    x, t = _inputs()
+    y = jnp.array([1, 7], jnp.int32)
+    params = _random_params(model, x, t, y)
+    assert params["label_emb"]["embedding"].shape == (10, 4 * TINY["ch"])
+    out = _apply(model, params, x, t, y)
+    assert out.shape == x.shape
+    assert not np.allclose(out, _apply(model, params, x, t, y[::-1]))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+    model = UNet(**TINY, dtype=jnp.bfloat16, num_head_channels=16, scale_shift_norm=True)
+    x, t = _inputs()
+    params = _random_params(model, x, t)  # keeps the dtypes that init gives
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    out = _apply(model, params, x, t)
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    assert float(jnp.abs(out).max()) > 0
+
+
+def test_ddpm_zero_init():
+    """DDPM zero-inits the output conv, each res block's second conv and attention's proj_out."""
+    model = UNet(**TINY)
+    x, t = _inputs()
+    key = jax.random.key(0, impl="rbg")  # compiles faster on CPU than threefry
+    params = jax.jit(lambda x, t: model.init(key, x, t, train=False))(x, t)["params"]
+    for zero in [params["conv_out"], params["mid_block_1"]["conv2"],
+                 params["down_1_block_0"]["conv2"], params["mid_attn"]["proj_out"],
+                 params["up_1_attn_0"]["proj_out"]]:
+        assert not np.any(zero["kernel"]) and not np.any(zero["bias"])
+    for random in [params["conv_in"], params["mid_block_1"]["conv1"], params["mid_attn"]["q"],
+                   params["temb_dense0"], params["down_1_block_0"]["nin_shortcut"]]:
+        assert np.all(random["kernel"].std() > 0) and not np.any(random["bias"])
+    assert not np.any(_apply(model, params, x, t))
+
+
+def test_dropout():
+    model = UNet(**TINY)
+    x, t = _inputs()
+    params = _random_params(model, x, t)
+    eval_a = _apply(model, params, x, t)
+    eval_b = _apply(model, params, x, t, rng=jax.random.key(9))
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = _apply(model, params, x, t, train=True, rng=jax.random.key(1))
+    train_a2 = _apply(model, params, x, t, train=True, rng=jax.random.key(1))
+    train_b = _apply(model, params, x, t, train=True, rng=jax.random.key(2))
+    np.testing.assert_array_equal(train_a, train_a2)
+    assert not np.allclose(train_a, train_b)
+    assert not np.allclose(train_a, eval_a)
+
+
+def test_output_depends_on_t():
+    model = UNet(**TINY)
+    x, t = _inputs(batch=1)
+    params = _random_params(model, x, t)
+    out0 = _apply(model, params, x, jnp.array([0], jnp.int32))
+    out1 = _apply(model, params, x, jnp.array([500], jnp.int32))
+    assert not np.allclose(out0, out1)
+
+
+def test_jit_batch_of_one_and_examples_are_independent():
+    """Under jit, a batch of 2 gives what each example gives alone in a batch of 1."""
+    model = UNet(**TINY)
+    x, t = _inputs()
+    params = _random_params(model, x, t)
+    both = _apply(model, params, x, t)
+    for i in range(2):
+        one = _apply(model, params, x[i:i + 1], t[i:i + 1])
+        np.testing.assert_allclose(one, both[i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options, size, use_y, match", [
+    (dict(ch_mult=(1, 2, 2)), 6, False, r"ch_mult=\(1, 2, 2\).*divisible by 2\*\*2=4.*6x6"),
+    (dict(ch=48), 8, False, r"ch=48.*32"),
+    (dict(num_heads=3), 8, False, r"num_heads=3.*64 channels"),
+    (dict(num_head_channels=24), 8, False, r"num_head_channels=24.*64 channels"),
+    (dict(attn_resolutions=(4, 16)), 8, False, r"attn_resolutions=\(4, 16\).*\[16\].*\[8, 4\]"),
+    (dict(num_classes=10), 8, False, r"num_classes=10.*y"),
+    (dict(), 8, True, r"num_classes=None.*y"),
+])
+def test_bad_config_raises(options, size, use_y, match):
+    model = UNet(**{**TINY, **options})
+    x, t = _inputs(size=size)
+    y = jnp.zeros((2,), jnp.int32) if use_y else None
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda x, t, y: model.init(jax.random.key(0), x, t, y, train=False),
+                       x, t, y)
