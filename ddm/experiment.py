@@ -1,0 +1,213 @@
+"""Train and sample runs, composed from small builders over one config (see configs/default.py)."""
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's writers import TensorFlow; keep its banner quiet
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from tqdm import tqdm
+
+from ddm import data
+from ddm.checkpoint import Checkpointer
+from ddm.diffusion import Diffusion, make_diffusion
+from ddm.images import make_grid, save_png
+from ddm.respacing import respace, space_timesteps
+from ddm.schedules import get_betas
+from ddm.timestep_sampling import get_timestep_sampler
+from ddm.train import (create_train_state, ema_key, make_multi_step, make_optimizer, make_sample_step,
+                       make_train_step, replicate, unreplicate)
+from ddm.unet import UNet
+
+RESPACINGS = {"uniform": "{}", "ddim": "ddim{}", "quad": "quad{}"}
+
+
+def build_diffusion(config: ml_collections.ConfigDict) -> Diffusion:
+    c = config.diffusion
+    return make_diffusion(get_betas(c.schedule, c.num_timesteps), c.mean_type, c.var_type, c.loss_type)
+
+
+def build_sampling_diffusion(config: ml_collections.ConfigDict, diffusion: Diffusion) -> Diffusion:
+    """The diffusion respaced to ``sample.steps`` steps by ``sample.respacing``."""
+    c = config.sample
+    if c.respacing not in RESPACINGS:
+        raise ValueError(f"unknown sample.respacing={c.respacing!r}; allowed: {', '.join(map(repr, RESPACINGS))}")
+    if c.steps == diffusion.num_timesteps:
+        return diffusion
+    if not 1 < c.steps < diffusion.num_timesteps:
+        raise ValueError(f"sample.steps={c.steps} must be in 2..{diffusion.num_timesteps} (diffusion.num_timesteps)")
+    return respace(diffusion, space_timesteps(diffusion.num_timesteps, RESPACINGS[c.respacing].format(c.steps)))
+
+
+def build_model(config: ml_collections.ConfigDict, channels: int) -> UNet:
+    """The U-Net for images with ``channels`` channels; 2C outputs for a learned variance."""
+    c = config.model
+    if c.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown model.dtype={c.dtype!r}; allowed: 'float32', 'bfloat16'")
+    learned = config.diffusion.var_type in ("learned", "learned_range")
+    return UNet(ch=c.ch, ch_mult=tuple(c.ch_mult), num_res_blocks=c.num_res_blocks,
+                attn_resolutions=tuple(c.attn_resolutions), dropout=c.dropout,
+                out_channels=2 * channels if learned else channels, resblock_updown=c.resblock_updown,
+                num_heads=c.num_heads, num_head_channels=c.num_head_channels, scale_shift_norm=c.scale_shift_norm,
+                num_classes=config.data.num_classes if c.class_conditional else None,
+                dtype=jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Check what can be checked before any compute, with errors that name the field and the fix."""
+    t = config.train
+    k = t.steps_per_call
+    if k < 1:
+        raise ValueError(f"train.steps_per_call={k} must be >= 1")
+    for field in ("num_steps", "log_every", "checkpoint_every", "sample_every", "keep_period"):
+        value = t[field]
+        if value % k:
+            raise ValueError(f"train.{field}={value} must be a multiple of train.steps_per_call={k}; "
+                             f"e.g. {max(k, value - value % k)}")
+    for field, size in (("train.batch_size", t.batch_size), ("sample.batch_size", config.sample.batch_size),
+                        ("sample.grid_size", config.sample.grid_size)):
+        if size % num_devices:
+            raise ValueError(f"{field}={size} is not divisible by the {num_devices} local devices; "
+                             f"use a multiple of {num_devices}")
+    downsamplings = len(config.model.ch_mult) - 1
+    if config.data.image_size % 2 ** downsamplings:
+        raise ValueError(f"data.image_size={config.data.image_size} is not divisible by 2**{downsamplings} "
+                         f"(model.ch_mult={tuple(config.model.ch_mult)} downsamples {downsamplings} times)")
+
+
+def restore_or_create(config, model, optimizer, sampler, image_shape, checkpointer):
+    """The latest checkpointed train state, or a fresh one from ``config.seed``."""
+    num_classes = config.data.num_classes if config.model.class_conditional else None
+    create = lambda: create_train_state(model, optimizer, sampler, jax.random.PRNGKey(config.seed), image_shape,
+                                        tuple(config.optim.ema_rates), num_classes)
+    if checkpointer.latest_step() is None:
+        return create()
+    return checkpointer.restore_latest(jax.eval_shape(create))
+
+
+def stack_steps(batches, k: int):
+    """Group k consecutive per-step batches (devices, B, ...) into (devices, k, B, ...) for the K-step scan."""
+    while True:
+        group = [next(batches) for _ in range(k)]
+        yield jax.tree_util.tree_map(lambda *xs: np.stack(xs, axis=1), *group)
+
+
+def generate(sample_step, params, key, num: int, batch_size: int, progress: bool = False) -> np.ndarray:
+    """``num`` uint8 samples (N, H, W, C) from a pmapped sample step, ``batch_size`` per call."""
+    num_devices = jax.local_device_count()
+    out = []
+    for i in tqdm(range(-(-num // batch_size)), desc="sampling", disable=not progress):
+        keys = replicate(jax.random.fold_in(key, i))
+        images = sample_step(params, keys)
+        out.append(data.to_uint8(np.asarray(images).reshape((-1,) + images.shape[2:])))
+    del num_devices
+    return np.concatenate(out)[:num]
+
+
+def save_sample_grid(images: np.ndarray, path: str) -> str:
+    scale = max(1, 128 // images.shape[1])  # small images are enlarged so a person can see them
+    return save_png(make_grid(images), path, scale=scale)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str):
+    """Train from scratch or resume from ``workdir``; log, checkpoint and write sample grids.
+    Returns the final (unreplicated) train state."""
+    num_devices = jax.local_device_count()
+    validate(config, num_devices)
+    source = data.load_source(config.data.name, "train", image_size=config.data.image_size,
+                              data_dir=config.data.data_dir)
+    image_shape = data.image_shape(source)
+    diffusion = build_diffusion(config)
+    sample_diffusion = build_sampling_diffusion(config, diffusion)
+    model = build_model(config, image_shape[-1])
+    sampler = get_timestep_sampler(config.diffusion.timestep_sampler, config.diffusion.num_timesteps)
+    o = config.optim
+    optimizer = make_optimizer(o.learning_rate, o.warmup_steps, o.grad_clip, o.beta1, o.beta2, o.eps)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, config.train.keep_period)
+    state = restore_or_create(config, model, optimizer, sampler, image_shape, checkpointer)
+    start = int(state.step)
+    t = config.train
+    if start:
+        logging.info("resuming from step %d in %s", start, checkpointer.directory)
+    multi_step = make_multi_step(make_train_step(model, diffusion, sampler, optimizer, tuple(o.ema_rates),
+                                                 jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32),
+                                 unroll=jax.default_backend() == "cpu")
+    num_classes = config.data.num_classes if config.model.class_conditional else None
+    grid_shape = (config.sample.grid_size // num_devices,) + tuple(image_shape)
+    sample_step = make_sample_step(model, sample_diffusion, config.sample.method, config.sample.eta,
+                                   config.sample.clip_denoised, grid_shape, num_classes)
+    batches = data.prefetch_to_device(stack_steps(
+        data.train_batches(source, global_batch_size=t.batch_size, seed=config.seed, start_step=start,
+                           random_flip=config.data.random_flip), t.steps_per_call))
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer, every_steps=t.log_every)
+    lr = (lambda s: o.learning_rate * min(1.0, s / o.warmup_steps)) if o.warmup_steps > 0 else (lambda s: o.learning_rate)
+    p_state = replicate(state)
+    del state
+    ema = ema_key(o.ema_rates[0])
+    with tqdm(total=t.num_steps, initial=start, desc="train", unit="step",
+              disable=jax.process_index() > 0) as progress:
+        for step in range(start + t.steps_per_call, t.num_steps + 1, t.steps_per_call):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                p_state, metrics = multi_step(p_state, next(batches))
+            progress.update(t.steps_per_call)
+            for done in range(step - t.steps_per_call + 1, step + 1):  # clu wants every step reported
+                report(done)
+            if step % t.log_every == 0:
+                scalars = {k: float(v) for k, v in jax.device_get(unreplicate(metrics)).items()}
+                scalars["learning_rate"] = lr(step)
+                writer.write_scalars(step, scalars)
+                progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+            last = step == t.num_steps
+            if step % t.checkpoint_every == 0 or last:
+                checkpointer.save(step, jax.device_get(unreplicate(p_state)))
+            if (t.sample_every and step % t.sample_every == 0) or last:
+                images = generate(sample_step, p_state.ema_params[ema], jax.random.PRNGKey(config.seed),
+                                  config.sample.grid_size, config.sample.grid_size)
+                path = save_sample_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                writer.write_images(step, {"samples": make_grid(images)[None]})
+                logging.info("step %d: sample grid %s", step, path)
+    checkpointer.close()
+    writer.flush()
+    return jax.device_get(unreplicate(p_state))
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Write ``sample.num_samples`` samples from the latest checkpoint's EMA parameters to
+    ``<workdir>/samples.npz`` (uint8 NHWC array ``images``) and a grid to ``samples.png``."""
+    num_devices = jax.local_device_count()
+    validate(config, num_devices)
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, config.train.keep_period)
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first with --mode=train "
+                                f"and the same --workdir")
+    channels = 1 if config.data.name == "digits" else 3
+    image_shape = (config.data.image_size, config.data.image_size, channels)
+    model = build_model(config, channels)
+    diffusion = build_sampling_diffusion(config, build_diffusion(config))
+    sampler = get_timestep_sampler(config.diffusion.timestep_sampler, config.diffusion.num_timesteps)
+    o = config.optim
+    optimizer = make_optimizer(o.learning_rate, o.warmup_steps, o.grad_clip, o.beta1, o.beta2, o.eps)
+    state = restore_or_create(config, model, optimizer, sampler, image_shape, checkpointer)
+    checkpointer.close()
+    s = config.sample
+    num_classes = config.data.num_classes if config.model.class_conditional else None
+    sample_step = make_sample_step(model, diffusion, s.method, s.eta, s.clip_denoised,
+                                   (s.batch_size // num_devices,) + image_shape, num_classes)
+    params = replicate(state.ema_params[ema_key(o.ema_rates[0])])
+    images = generate(sample_step, params, jax.random.PRNGKey(config.seed + 1), s.num_samples, s.batch_size,
+                      progress=True)
+    path = os.path.join(workdir, "samples.npz")
+    with open(path + ".tmp", "wb") as f:  # no partial file under the final name
+        np.savez(f, images=images)
+    os.replace(path + ".tmp", path)
+    save_sample_grid(images[: s.grid_size], os.path.join(workdir, "samples.png"))
+    logging.info("wrote %d samples (step %d, %s, %d steps) to %s", len(images), int(state.step), s.method, s.steps, path)
+    return path

@@ -1,0 +1,104 @@
+"""The train state and the pmapped train step: device-count invariance, one compile, EMA, sampler state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddm
+from ddm import train
+from ddm.unet import UNet
+
+T = 50
+SHAPE = (8, 8, 1)
+GLOBAL_BATCH = 8
+RATES = (0.9, 0.5)
+
+
+def batches(num_devices, steps, k):
+    """``steps`` global batches grouped k per call, laid out (devices, k, per-device batch, ...)."""
+    images = np.random.default_rng(0).uniform(-1, 1, (steps // k, k, GLOBAL_BATCH) + SHAPE).astype(np.float32)
+    images = images.reshape((steps // k, k, num_devices, GLOBAL_BATCH // num_devices) + SHAPE).swapaxes(1, 2)
+    return [{"image": x, "label": np.zeros(x.shape[:3], np.int32)} for x in images]
+
+
+def run(num_devices, steps=2, k=1, sampler_name="uniform", var_type="fixed_large", loss_type="mse",
+        dtype=jnp.float32):
+    """Train ``steps`` steps on ``num_devices`` devices; returns (final state, last metrics, trace count)."""
+    learned = var_type in ("learned", "learned_range")
+    model = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                 out_channels=2 if learned else 1, dtype=dtype)
+    diffusion = ddm.make_diffusion(ddm.get_betas("cosine", T), "eps", var_type, loss_type)
+    sampler = ddm.get_timestep_sampler(sampler_name, T)
+    optimizer = train.make_optimizer(1e-3, warmup_steps=2, grad_clip=1.0)
+    state = train.create_train_state(model, optimizer, sampler, jax.random.PRNGKey(0), SHAPE, RATES)
+    step_fn = train.make_train_step(model, diffusion, sampler, optimizer, RATES, dtype)
+    traces = []
+
+    def counted(state, batch):
+        traces.append(1)  # Python runs only while tracing: one entry per (re)compile
+        return step_fn(state, batch)
+
+    devices = jax.local_devices()[:num_devices]
+    multi = train.make_multi_step(counted, unroll=True, devices=devices)
+    p_state = train.replicate(state, devices)
+    for batch in batches(num_devices, steps, k):
+        p_state, metrics = multi(p_state, batch)
+    return p_state, metrics, len(traces), state
+
+
+@pytest.fixture(scope="module")
+def one_and_two():
+    assert jax.local_device_count() == 2
+    return run(1), run(2)
+
+
+def test_two_devices_give_the_same_update_as_one(one_and_two):
+    (s1, m1, _, _), (s2, m2, _, _) = one_and_two
+    np.testing.assert_allclose(m1["loss"][0], m2["loss"][0], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"][0], m2["grad_norm"][0], rtol=1e-4)
+    # Adam divides by sqrt(v): near-zero gradients turn summation-order noise into relative noise,
+    # so parameters agree to 1e-5 absolute, 1% of one early step (lr 1e-3 after warmup).
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    jax.tree_util.tree_map(close, train.unreplicate(s1).params, train.unreplicate(s2).params)
+    jax.tree_util.tree_map(close, train.unreplicate(s1).ema_params, train.unreplicate(s2).ema_params)
+    # Every replica holds the same state.
+    jax.tree_util.tree_map(lambda a: np.testing.assert_array_equal(a[0], a[1]), s2.params)
+
+
+def test_step_is_traced_once_and_counts_steps(one_and_two):
+    (s1, m1, traces1, _), (s2, _, traces2, _) = one_and_two
+    assert traces1 == 1 and traces2 == 1  # two calls, one trace
+    assert int(s1.step[0]) == 2 and int(s2.step[1]) == 2
+    assert set(m1) == {"loss", "mse", "grad_norm"} and np.isfinite(m1["loss"][0])
+
+
+def test_ema_follows_its_formula(one_and_two):
+    (s1, _, _, initial), _ = one_and_two
+    state = train.unreplicate(s1)
+    flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
+    p, p0 = flat(state.params), flat(initial.params)
+    fast, slow = flat(state.ema_params["0.5"]), flat(state.ema_params["0.9"])
+    # Two steps from ema = p0: ema = r^2 p0 + r (1 - r) p1 + (1 - r) p2, so a fast EMA is nearer p.
+    assert np.abs(fast - p).sum() < np.abs(slow - p).sum() and np.abs(slow - p0).sum() > 0
+    np.testing.assert_allclose(train.update_ema({"0.5": {"w": jnp.array(2.0)}}, {"w": jnp.array(4.0)}, (0.5,))["0.5"]["w"], 3.0)
+
+
+def test_importance_sampler_hybrid_loss_and_bfloat16_in_k_step_calls():
+    p_state, metrics, traces, _ = run(2, steps=4, k=2, sampler_name="loss_second_moment", var_type="learned_range",
+                                      loss_type="hybrid", dtype=jnp.bfloat16)
+    assert traces == 1 and int(p_state.step[0]) == 4
+    counts = np.asarray(p_state.sampler_state["counts"])
+    np.testing.assert_array_equal(counts[0], counts[1])  # every replica holds the same sampler state
+    assert counts[0].sum() == 4 * GLOBAL_BATCH  # (t, loss) pairs of both devices, every step (none full yet)
+    assert set(metrics) == {"loss", "mse", "vb", "grad_norm"} and np.isfinite(metrics["vb"][0])
+    assert {str(a.dtype) for a in jax.tree_util.tree_leaves(p_state.params)} == {"float32"}
+
+
+def test_optimizer_warmup_and_clipping():
+    opt = train.make_optimizer(1.0, warmup_steps=4, grad_clip=1e-3)
+    params = {"w": jnp.zeros(3)}
+    state = opt.init(params)
+    updates, state = opt.update({"w": jnp.array([100.0, 0.0, 0.0])}, state, params)
+    np.testing.assert_array_equal(updates["w"], 0.0)  # learning rate 0 at step 0 of the warmup
+    updates, _ = opt.update({"w": jnp.array([100.0, 0.0, 0.0])}, state, params)
+    np.testing.assert_allclose(updates["w"][0], -0.25, rtol=1e-3)  # lr 1/4, Adam's first step is lr * sign
