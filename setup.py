@@ -21,7 +21,9 @@ setup(
         "numpy",
         "scikit-learn",  # ships the embedded 8x8 digits dataset
         "pillow",
-        "tensorboardX",
+        "clu",  # metric writers and periodic actions
+        "tensorflow-cpu",  # clu's writers import TensorFlow; the CPU build never claims GPU memory
+        "tensorboard",
         "tqdm",
     ],
     extras_require={

@@ -57,6 +57,11 @@ def build_model(config: ml_collections.ConfigDict, channels: int) -> UNet:
                 dtype=jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32)
 
 
+def build_optimizer(config: ml_collections.ConfigDict):
+    o = config.optim
+    return make_optimizer(o.learning_rate, o.warmup_steps, o.grad_clip, o.beta1, o.beta2, o.eps)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Check what can be checked before any compute, with errors that name the field and the fix."""
     t = config.train
@@ -98,13 +103,11 @@ def stack_steps(batches, k: int):
 
 def generate(sample_step, params, key, num: int, batch_size: int, progress: bool = False) -> np.ndarray:
     """``num`` uint8 samples (N, H, W, C) from a pmapped sample step, ``batch_size`` per call."""
-    num_devices = jax.local_device_count()
     out = []
     for i in tqdm(range(-(-num // batch_size)), desc="sampling", disable=not progress):
         keys = replicate(jax.random.fold_in(key, i))
         images = sample_step(params, keys)
         out.append(data.to_uint8(np.asarray(images).reshape((-1,) + images.shape[2:])))
-    del num_devices
     return np.concatenate(out)[:num]
 
 
@@ -126,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     model = build_model(config, image_shape[-1])
     sampler = get_timestep_sampler(config.diffusion.timestep_sampler, config.diffusion.num_timesteps)
     o = config.optim
-    optimizer = make_optimizer(o.learning_rate, o.warmup_steps, o.grad_clip, o.beta1, o.beta2, o.eps)
+    optimizer = build_optimizer(config)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
@@ -194,7 +197,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     diffusion = build_sampling_diffusion(config, build_diffusion(config))
     sampler = get_timestep_sampler(config.diffusion.timestep_sampler, config.diffusion.num_timesteps)
     o = config.optim
-    optimizer = make_optimizer(o.learning_rate, o.warmup_steps, o.grad_clip, o.beta1, o.beta2, o.eps)
+    optimizer = build_optimizer(config)
     state = restore_or_create(config, model, optimizer, sampler, image_shape, checkpointer)
     checkpointer.close()
     s = config.sample

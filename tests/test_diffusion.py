@@ -140,7 +140,7 @@ def test_clip_denoised_clips_pred_x0():
 ])
 def test_bad_types(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ddm.make_diffusion(ddm.get_betas("linear", 10), **kwargs)
+        ddm.make_diffusion(ddm.get_betas("cosine", 10), **kwargs)
 
 
 def test_bad_betas():
