@@ -1,4 +1,4 @@
-"""The embedded config: sklearn's digits at their native 8x8, a small U-Net; about 5 minutes on 2 CPU cores.
+"""The embedded config: sklearn's digits at their native 8x8, a small U-Net; 7.5 minutes on 2 CPU cores.
 
 Digits also load at 16x16 or 32x32 (``--config.data.image_size=16``): each doubling costs about 4x
 per step on a CPU, so the default stays at the native size.

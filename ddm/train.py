@@ -123,6 +123,9 @@ def make_multi_step(step_fn: Callable, unroll: bool = False, devices=None) -> Ca
     """
 
     def multi_step(state, batches):
+        if jax.tree_util.tree_leaves(batches)[0].shape[0] == 1:
+            # Even unrolled, a length-1 scan lowers to a while loop, with the slow CPU layout.
+            return step_fn(state, jax.tree_util.tree_map(lambda b: b[0], batches))
         state, metrics = jax.lax.scan(step_fn, state, batches, unroll=unroll)
         return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
 
