@@ -19,8 +19,8 @@ from ddm.images import make_grid, save_png
 from ddm.respacing import respace, space_timesteps
 from ddm.schedules import get_betas
 from ddm.timestep_sampling import get_timestep_sampler
-from ddm.train import (create_train_state, ema_key, make_multi_step, make_optimizer, make_sample_step,
-                       make_train_step, replicate, unreplicate)
+from ddm.train import (create_train_state, ema_key, learning_rate_schedule, make_multi_step, make_optimizer,
+                       make_sample_step, make_train_step, replicate, unreplicate)
 from ddm.unet import UNet
 
 RESPACINGS = {"uniform": "{}", "ddim": "ddim{}", "quad": "quad{}"}
@@ -151,7 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                            random_flip=config.data.random_flip), t.steps_per_call))
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer, every_steps=t.log_every)
-    lr = (lambda s: o.learning_rate * min(1.0, s / o.warmup_steps)) if o.warmup_steps > 0 else (lambda s: o.learning_rate)
+    lr = learning_rate_schedule(o.learning_rate, o.warmup_steps)
     p_state = replicate(state)
     del state
     ema = ema_key(o.ema_rates[0])
@@ -165,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                 report(done)
             if step % t.log_every == 0:
                 scalars = {k: float(v) for k, v in jax.device_get(unreplicate(metrics)).items()}
-                scalars["learning_rate"] = lr(step)
+                scalars["learning_rate"] = float(lr(step))
                 writer.write_scalars(step, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}")
             last = step == t.num_steps

@@ -34,12 +34,18 @@ class TrainState:
     key: jax.Array
 
 
+def learning_rate_schedule(learning_rate: float, warmup_steps: int) -> optax.Schedule:
+    """Step -> learning rate: linear from 0 to ``learning_rate`` over ``warmup_steps``, then constant."""
+    if warmup_steps <= 0:  # optax's linear schedule with 0 transition steps stays at its start value
+        return optax.constant_schedule(learning_rate)
+    return optax.linear_schedule(0.0, learning_rate, warmup_steps)
+
+
 def make_optimizer(learning_rate: float, warmup_steps: int, grad_clip: float, beta1: float = 0.9,
                    beta2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
     """Adam with a linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, after global-norm
     clipping of the gradients at ``grad_clip`` (<= 0: no clipping)."""
-    schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
-    adam = optax.adam(schedule, b1=beta1, b2=beta2, eps=eps)
+    adam = optax.adam(learning_rate_schedule(learning_rate, warmup_steps), b1=beta1, b2=beta2, eps=eps)
     return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
 
 

@@ -102,3 +102,8 @@ def test_optimizer_warmup_and_clipping():
     np.testing.assert_array_equal(updates["w"], 0.0)  # learning rate 0 at step 0 of the warmup
     updates, _ = opt.update({"w": jnp.array([100.0, 0.0, 0.0])}, state, params)
     np.testing.assert_allclose(updates["w"][0], -0.25, rtol=1e-3)  # lr 1/4, Adam's first step is lr * sign
+
+
+def test_learning_rate_schedule():
+    assert [float(train.learning_rate_schedule(2.0, 4)(s)) for s in (0, 1, 4, 100)] == [0.0, 0.5, 2.0, 2.0]
+    assert [float(train.learning_rate_schedule(2.0, 0)(s)) for s in (0, 100)] == [2.0, 2.0]
