@@ -65,4 +65,20 @@ def get_config():
     sample.num_samples = 64  # samples written by --mode=sample
     sample.batch_size = 64  # global samples per sampling call (divided over devices)
     sample.grid_size = 64  # images in each sample grid PNG
+
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.split = "test"  # data split for the NLL and the reference feature statistics
+    ev.batch_size = 64  # global batch (all devices) for the NLL and for metric sampling
+    ev.nll_strided_steps = 100  # also the IDDPM strided bound over this many respaced steps (0: full bound only)
+    ev.feature_space = "auto"  # "inception" (FID/IS), "classifier" (trained on the embedded digits); auto: digits -> classifier
+    ev.inception_path = ""  # local path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (no download at run time)
+    ev.num_samples = 10_000  # samples for FD / score of the sample.* setting
+    ev.table_steps = (10, 20, 50, 100, 1000)  # DDIM steps-vs-quality table (DDIM Table 1)
+    ev.table_etas = (0.0, 0.2, 0.5, 1.0)  # DDIM eta per column; DDPM with sigma-hat (larger variance) is added
+    ev.table_num_samples = 1000  # samples per table cell
+    ev.progressive_snapshots = 10  # predicted x0 images along one trajectory (DDPM Fig. 6)
+    ev.interpolation_points = 9  # images between two endpoints (DDIM Fig. 6, DDPM Fig. 8)
+    ev.interpolation_t = 500  # DDPM Fig. 8: the timestep at which two images are mixed
+    ev.reconstruction_steps = (10, 20, 50, 100)  # DDIM encode/decode steps (DDIM Table 2)
+    ev.reconstruction_examples = 8  # test images shown in the reconstruction figure
     return config
