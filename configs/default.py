@@ -75,7 +75,7 @@ def get_config():
     ev.num_samples = 10_000  # samples for FD / score of the sample.* setting
     ev.table_steps = (10, 20, 50, 100, 1000)  # DDIM steps-vs-quality table (DDIM Table 1)
     ev.table_etas = (0.0, 0.2, 0.5, 1.0)  # DDIM eta per column; DDPM with sigma-hat (larger variance) is added
-    ev.table_num_samples = 1000  # samples per table cell
+    ev.table_num_samples = 10_000  # samples per table cell (FID needs more than 2048, the Inception feature size)
     ev.progressive_snapshots = 10  # predicted x0 images along one trajectory (DDPM Fig. 6)
     ev.interpolation_points = 9  # images between two endpoints (DDIM Fig. 6, DDPM Fig. 8)
     ev.interpolation_t = 500  # DDPM Fig. 8: the timestep at which two images are mixed
