@@ -5,12 +5,12 @@ import types
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (the test extra installs it)
 # The venv's torchvision wheel is a CUDA build whose C++ ops do not load against the CPU torch;
 # its `_meta_registrations` (fake kernels for those ops: nms, roi_align, ...) then fails at import.
 # The Inception model uses none of them, so the registrations are skipped.
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+import pytorch_fid.inception as pytorch_fid_inception  # noqa: E402
 
 from ddm import inception  # noqa: E402
 
