@@ -69,7 +69,8 @@ def test_step_is_traced_once_and_counts_steps(one_and_two):
     (s1, m1, traces1, _), (s2, _, traces2, _) = one_and_two
     assert traces1 == 1 and traces2 == 1  # two calls, one trace
     assert int(s1.step[0]) == 2 and int(s2.step[1]) == 2
-    assert set(m1) == {"loss", "mse", "grad_norm"} and np.isfinite(m1["loss"][0])
+    assert set(m1) == {"loss", "mse", "grad_norm", "finite", "step"} and np.isfinite(m1["loss"][0])
+    assert bool(m1["finite"][0]) and int(m1["step"][0]) == 2
 
 
 def test_ema_follows_its_formula(one_and_two):
