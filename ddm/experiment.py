@@ -1,6 +1,8 @@
 """Train and sample runs, composed from small builders over one config (see configs/default.py)."""
 import json
 import os
+import signal
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's writers import TensorFlow; keep its banner quiet
 
@@ -13,7 +15,7 @@ from clu import metric_writers, periodic_actions
 from tqdm import tqdm
 
 from ddm import data
-from ddm.checkpoint import Checkpointer
+from ddm.checkpoint import Checkpointer, check_free_space
 from ddm.diffusion import Diffusion, make_diffusion
 from ddm.images import make_grid, save_png
 from ddm.respacing import respace, space_timesteps
@@ -84,6 +86,91 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                          f"(model.ch_mult={tuple(config.model.ch_mult)} downsamples {downsamplings} times)")
 
 
+# Config fields that fix the shapes (or the meaning) of the saved train state.
+ARCHITECTURE_FIELDS = ("data.name", "data.image_size", "model.ch", "model.ch_mult", "model.num_res_blocks",
+                       "model.attn_resolutions", "model.resblock_updown", "model.num_heads", "model.num_head_channels",
+                       "model.scale_shift_norm", "model.class_conditional", "diffusion.var_type",
+                       "diffusion.num_timesteps", "diffusion.timestep_sampler", "optim.ema_rates")
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Fail before any compute if ``config`` changed an ARCHITECTURE_FIELDS value against the run already
+    in ``workdir`` (its config.json), naming each field, both values and the fix."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    changed = []
+    for field in ARCHITECTURE_FIELDS:
+        section, name = field.split(".")
+        old = saved.get(section, {}).get(name)
+        new = config[section][name]
+        if isinstance(new, (tuple, list)):
+            old, new = (list(old) if isinstance(old, (tuple, list)) else old), list(new)
+        if old != new:
+            changed.append((field, new, old))
+    if changed:
+        listed = "; ".join(f"{f}={n!r} (the run in the workdir has {o!r})" for f, n, o in changed)
+        fix = " ".join(f"--config.{f}={_flag_value(o)}" for f, _, o in changed)
+        raise ValueError(f"the config changed the architecture against {path}: {listed}. Use a new --workdir, "
+                         f"or go back to the run's values: {fix}")
+
+
+def _flag_value(value) -> str:
+    """``value`` as ml_collections' flag parser reads it back."""
+    if isinstance(value, list):
+        return "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def check_finite(metrics, checkpointer: Checkpointer) -> None:
+    """Stop with ``FloatingPointError`` if the pmapped step's metrics say a loss or gradient was not finite,
+    naming the step, the loss and the last checkpoint (a non-finite state is never saved)."""
+    m = jax.device_get(unreplicate(metrics))
+    if bool(m["finite"]):
+        return
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    resume = f"the last good checkpoint is step {last} in {checkpointer.directory}" if last is not None else \
+        "no checkpoint was written"
+    raise FloatingPointError(f"non-finite training at step {int(m['step'])}: loss={float(m['loss'])}, "
+                             f"grad_norm={float(m['grad_norm'])}; {resume}. Lower optim.learning_rate, "
+                             f"set optim.grad_clip, or check the data")
+
+
+class PreemptionWatch:
+    """Whether to stop and checkpoint now because the job is being preempted.
+
+    One process: a SIGTERM handler (installed inside ``with``, the previous one restored after) sets a
+    flag. Several processes: JAX's preemption sync service (which catches SIGTERM itself) makes every
+    process agree on the same step, so all of them save it together.
+    """
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self.signalled = False
+        self.previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+    def _handle(self, signum, frame):
+        self.signalled = True
+
+    def stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.checkpointer.reached_preemption(step)
+        return self.signalled
+
+
 def restore_or_create(config, model, optimizer, sampler, image_shape, checkpointer):
     """The latest checkpointed train state, or a fresh one from ``config.seed``."""
     num_classes = config.data.num_classes if config.model.class_conditional else None
@@ -130,11 +217,15 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     sampler = get_timestep_sampler(config.diffusion.timestep_sampler, config.diffusion.num_timesteps)
     o = config.optim
     optimizer = build_optimizer(config)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    check_workdir_config(config, workdir)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, config.train.keep_period)
+    if jax.process_index() == 0:  # several hosts share the workdir; one writes, atomically: the others read it
+        config_path = os.path.join(workdir, "config.json")
+        with open(config_path + ".tmp", "w") as f:
+            f.write(config.to_json(indent=2))
+        os.replace(config_path + ".tmp", config_path)
     state = restore_or_create(config, model, optimizer, sampler, image_shape, checkpointer)
+    check_free_space(workdir, state)
     start = int(state.step)
     t = config.train
     if start:
@@ -155,28 +246,42 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     p_state = replicate(state)
     del state
     ema = ema_key(o.ema_rates[0])
-    with tqdm(total=t.num_steps, initial=start, desc="train", unit="step",
-              disable=jax.process_index() > 0) as progress:
+    preemption = PreemptionWatch(checkpointer)
+    previous = None
+    with preemption, tqdm(total=t.num_steps, initial=start, desc="train", unit="step",
+                          disable=jax.process_index() > 0) as progress:
         for step in range(start + t.steps_per_call, t.num_steps + 1, t.steps_per_call):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 p_state, metrics = multi_step(p_state, next(batches))
+            if previous is not None:  # the previous call's flag: reading it does not wait for this call
+                check_finite(previous, checkpointer)
+            previous = metrics
             progress.update(t.steps_per_call)
             for done in range(step - t.steps_per_call + 1, step + 1):  # clu wants every step reported
                 report(done)
+            last = step == t.num_steps
+            stop = preemption.stop(step)
+            if step % t.log_every == 0 or step % t.checkpoint_every == 0 or last or stop:
+                check_finite(metrics, checkpointer)
             if step % t.log_every == 0:
-                scalars = {k: float(v) for k, v in jax.device_get(unreplicate(metrics)).items()}
+                scalars = {k: float(v) for k, v in jax.device_get(unreplicate(metrics)).items()
+                           if k not in ("finite", "step")}
                 scalars["learning_rate"] = float(lr(step))
                 writer.write_scalars(step, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-            last = step == t.num_steps
-            if step % t.checkpoint_every == 0 or last:
+            if step % t.checkpoint_every == 0 or last or stop:
                 checkpointer.save(step, jax.device_get(unreplicate(p_state)))
+            if stop:
+                logging.warning("preempted (SIGTERM): saved checkpoint %d in %s; rerun the same command to resume",
+                                step, checkpointer.directory)
+                break
             if (t.sample_every and step % t.sample_every == 0) or last:
                 images = generate(sample_step, p_state.ema_params[ema], jax.random.PRNGKey(config.seed),
                                   config.sample.grid_size, config.sample.grid_size)
-                path = save_sample_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                if jax.process_index() == 0:  # every host runs the pmapped sampler; one writes
+                    path = save_sample_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                    logging.info("step %d: sample grid %s", step, path)
                 writer.write_images(step, {"samples": make_grid(images)[None]})
-                logging.info("step %d: sample grid %s", step, path)
     checkpointer.close()
     writer.flush()
     return jax.device_get(unreplicate(p_state))
@@ -191,6 +296,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first with --mode=train "
                                 f"and the same --workdir")
+    check_workdir_config(config, workdir)
     channels = 1 if config.data.name == "digits" else 3
     image_shape = (config.data.image_size, config.data.image_size, channels)
     model = build_model(config, channels)
@@ -208,9 +314,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     images = generate(sample_step, params, jax.random.PRNGKey(config.seed + 1), s.num_samples, s.batch_size,
                       progress=True)
     path = os.path.join(workdir, "samples.npz")
-    with open(path + ".tmp", "wb") as f:  # no partial file under the final name
-        np.savez(f, images=images)
-    os.replace(path + ".tmp", path)
-    save_sample_grid(images[: s.grid_size], os.path.join(workdir, "samples.png"))
+    if jax.process_index() == 0:  # every host runs the pmapped sampler; one writes
+        with open(path + ".tmp", "wb") as f:  # no partial file under the final name
+            np.savez(f, images=images)
+        os.replace(path + ".tmp", path)
+        save_sample_grid(images[: s.grid_size], os.path.join(workdir, "samples.png"))
     logging.info("wrote %d samples (step %d, %s, %d steps) to %s", len(images), int(state.step), s.method, s.steps, path)
     return path

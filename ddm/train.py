@@ -80,7 +80,8 @@ def make_train_step(model, diffusion: Diffusion, sampler: TimestepSampler, optim
     ``fold_in(state.key, step)`` and each device takes its slice, so a step's update does not depend
     on how the batch is split over devices (1 device and 2 devices give the same parameters).
     Dropout, which lives inside the model, uses ``fold_in(step key, device)``.
-    Returns (new state, metrics averaged over devices).
+    Returns (new state, metrics averaged over devices, plus ``finite``: whether the loss and the
+    gradient norm are finite, and ``step``: the step number the update made).
     """
 
     def step_fn(state: TrainState, batch):
@@ -110,6 +111,8 @@ def make_train_step(model, diffusion: Diffusion, sampler: TimestepSampler, optim
         metrics = {name: jnp.mean(value) for name, value in losses.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics = jax.lax.pmean(metrics, AXIS)
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        metrics["step"] = state.step + 1
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=update_ema(state.ema_params, params, ema_rates),
                                   sampler_state=sampler_state)
@@ -120,7 +123,8 @@ def make_train_step(model, diffusion: Diffusion, sampler: TimestepSampler, optim
 
 def make_multi_step(step_fn: Callable, unroll: bool = False, devices=None) -> Callable:
     """K steps in one call (score_sde's pattern): batches carry a leading K axis per device,
-    ``lax.scan`` runs them on device, and the metrics of the last step come back. Pmapped over the
+    ``lax.scan`` runs them on device, and the metrics of the last step come back, or those of the
+    first step whose loss or gradient norm was not finite (metrics ``finite`` and ``step`` say which). Pmapped over the
     local devices (or ``devices``) with the state donated.
 
     ``unroll=True`` unrolls the K steps. XLA:CPU runs the U-Net's weight-gradient convolutions
@@ -133,7 +137,9 @@ def make_multi_step(step_fn: Callable, unroll: bool = False, devices=None) -> Ca
             # Even unrolled, a length-1 scan lowers to a while loop, with the slow CPU layout.
             return step_fn(state, jax.tree_util.tree_map(lambda b: b[0], batches))
         state, metrics = jax.lax.scan(step_fn, state, batches, unroll=unroll)
-        return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
+        finite = metrics["finite"]
+        shown = jnp.where(jnp.all(finite), finite.shape[0] - 1, jnp.argmin(finite))
+        return state, jax.tree_util.tree_map(lambda m: m[shown], metrics)
 
     return jax.pmap(multi_step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
