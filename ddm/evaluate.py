@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ddm import data
 from ddm.checkpoint import Checkpointer
 from ddm.diffusion import Diffusion
-from ddm.experiment import RESPACINGS, build_diffusion, build_model, build_sampling_diffusion
+from ddm.experiment import RESPACINGS, build_diffusion, build_model, build_sampling_diffusion, config_changes
 from ddm.likelihood import bits_per_dim
 from ddm.respacing import respace, space_timesteps
 from ddm.sampling import ddim_sample, ddpm_sample
@@ -145,12 +145,9 @@ def validate_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
 def config_mismatches(config: ml_collections.ConfigDict, saved: dict) -> list:
     """The ``MODEL_FIELDS`` (and ``diffusion.var_type``'s learned-or-fixed kind) in which ``config``
     differs from ``saved`` (a training run's config.json, as a dict), as "field=value (checkpoint: value)"."""
-    current = json.loads(config.to_json())
-    get = lambda d, field: d.get(field.split(".")[0], {}).get(field.split(".")[1])
-    out = [f"{field}={get(current, field)!r} (checkpoint: {get(saved, field)!r})"
-           for field in MODEL_FIELDS if get(saved, field) is not None and get(current, field) != get(saved, field)]
+    out = [f"{field}={new!r} (checkpoint: {old!r})" for field, new, old in config_changes(config, saved, MODEL_FIELDS)]
     learned = lambda var_type: var_type in ("learned", "learned_range")
-    saved_var = get(saved, "diffusion.var_type")
+    saved_var = saved.get("diffusion", {}).get("var_type")
     if saved_var is not None and learned(saved_var) != learned(config.diffusion.var_type):
         out.append(f"diffusion.var_type={config.diffusion.var_type!r} (checkpoint: {saved_var!r}; a learned "
                    f"variance adds output channels)")

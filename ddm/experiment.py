@@ -93,6 +93,18 @@ ARCHITECTURE_FIELDS = ("data.name", "data.image_size", "model.ch", "model.ch_mul
                        "diffusion.num_timesteps", "diffusion.timestep_sampler", "optim.ema_rates")
 
 
+def config_changes(config: ml_collections.ConfigDict, saved: dict, fields) -> list[tuple[str, object, object]]:
+    """(field, value in ``config``, value in ``saved``) for each of ``fields`` ("section.name") that differs
+    from ``saved`` (a run's config.json as a dict; tuples there are lists). Fields ``saved`` lacks are skipped."""
+    current = json.loads(config.to_json())
+    changed = []
+    for field in fields:
+        section, name = field.split(".")
+        if name in saved.get(section, {}) and current[section][name] != saved[section][name]:
+            changed.append((field, current[section][name], saved[section][name]))
+    return changed
+
+
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Fail before any compute if ``config`` changed an ARCHITECTURE_FIELDS value against the run already
     in ``workdir`` (its config.json), naming each field, both values and the fix."""
@@ -100,16 +112,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
     if not os.path.exists(path):
         return
     with open(path) as f:
-        saved = json.load(f)
-    changed = []
-    for field in ARCHITECTURE_FIELDS:
-        section, name = field.split(".")
-        old = saved.get(section, {}).get(name)
-        new = config[section][name]
-        if isinstance(new, (tuple, list)):
-            old, new = (list(old) if isinstance(old, (tuple, list)) else old), list(new)
-        if old != new:
-            changed.append((field, new, old))
+        changed = config_changes(config, json.load(f), ARCHITECTURE_FIELDS)
     if changed:
         listed = "; ".join(f"{f}={n!r} (the run in the workdir has {o!r})" for f, n, o in changed)
         fix = " ".join(f"--config.{f}={_flag_value(o)}" for f, _, o in changed)
