@@ -15,10 +15,12 @@ call of K steps each), so load from other processes falls on both. bfloat16 mean
 float32 parameters: the U-Net's dtype in ddm, autocast in PyTorch. On CUDA, PyTorch's float32
 matmuls are allowed TF32, like XLA's default precision.
 
-ratio = ddm steps/s / diffusers steps/s at the same dtype: > 1 means ddm is faster.
+ratio = ddm steps/s / diffusers steps/s at the same dtype (median call time of each): > 1 means ddm is
+faster. The machine line prints the load average: on a shared machine the per-round ratios show the noise.
 """
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for PyTorch
@@ -27,8 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import ddm
-from ddm import train
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402,F401  (puts the repository on sys.path)
+
+import ddm  # noqa: E402
+from ddm import train  # noqa: E402
 from ddm.timestep_sampling import uniform_sampler
 from ddm.unet import UNet
 
@@ -65,7 +70,9 @@ class JaxRunner:
         self.compile_s = time.perf_counter() - start
         cost = self.call.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        self.flops_per_step = cost.get("flops", 0.0) * len(devices) / k if cost else 0.0
+        # XLA counts a while loop's body once: a scanned call reports one step, an unrolled one K steps.
+        unrolled = jax.default_backend() == "cpu"
+        self.flops_per_step = cost.get("flops", 0.0) * len(devices) / (k if unrolled else 1) if cost else 0.0
         self()  # warm-up
 
     def __call__(self):
@@ -78,6 +85,9 @@ class TorchRunner:
 
     def __init__(self, dtype_name, batch, k, use_compile):
         import torch
+
+        from common import import_diffusers_without_torchvision
+        import_diffusers_without_torchvision()
         from diffusers import UNet2DModel
 
         self.torch, self.k = torch, k
@@ -127,21 +137,15 @@ class TorchRunner:
 
 
 def timed_rounds(runners, rounds):
-    """Seconds per runner over `rounds` alternating calls."""
-    totals = [0.0] * len(runners)
-    for _ in range(rounds):
-        for i, run in enumerate(runners):
-            start = time.perf_counter()
-            run()
-            totals[i] += time.perf_counter() - start
-    return totals
+    """Seconds of each call, per runner, over `rounds` alternating calls."""
+    return common.interleaved(runners, rounds)
 
 
 def main():
     on_cpu = jax.default_backend() == "cpu"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8 if on_cpu else 128)
-    parser.add_argument("--steps", type=int, default=4 if on_cpu else 50, help="timed steps per framework and dtype")
+    parser.add_argument("--steps", type=int, default=6 if on_cpu else 50, help="timed steps per framework and dtype")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="float32" if on_cpu else "both")
     parser.add_argument("--steps_per_call", type=int, default=2 if on_cpu else 4)
     parser.add_argument("--skip_torch", action="store_true")
@@ -154,8 +158,10 @@ def main():
     print(f"device: {jax.devices()[0].device_kind} x{jax.local_device_count()} ({jax.default_backend()}), "
           f"jax {jax.__version__}, CPU cores {os.cpu_count()}")
     if not args.skip_torch:
-        import diffusers
         import torch
+
+        from common import import_diffusers_without_torchvision
+        diffusers = import_diffusers_without_torchvision()
         torch.set_float32_matmul_precision("high")
         print(f"torch {torch.__version__} (threads {torch.get_num_threads()}, "
               f"cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}, "
@@ -171,8 +177,11 @@ def main():
               + ("" if args.skip_torch else f", diffusers {runners[1].num_params:,}")
               + f"; compile: ddm {runners[0].compile_s:.1f} s"
               + ("" if args.skip_torch else f", diffusers first call ({k} steps) {runners[1].first_call_s:.1f} s"))
-        totals = timed_rounds(runners, rounds)
-        rates = [rounds * k / total for total in totals]
+        times = timed_rounds(runners, rounds)
+        rates = [k / common.median(t) for t in times]  # median call time
+        if len(times) > 1:
+            per_round = [b / a for a, b in zip(*times)]
+            print(f"[{dtype_name}] per-round ratios ddm/diffusers: {' '.join(f'{r:.2f}' for r in per_round)}")
         flops = runners[0].flops_per_step
         if flops:
             print(f"[{dtype_name}] XLA cost analysis: {flops / 1e9:.1f} GFLOP per step, "
