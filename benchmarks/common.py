@@ -1,0 +1,526 @@
+"""Shared pieces of the benchmarks: the U-Net of a config, its diffusers (PyTorch) twin, the hand
+FLOP count, peak FLOP/s tables, and interleaved timing.
+
+Import it from a benchmark script (they put this folder on sys.path) or from a test with
+``importlib``; it is not part of the ``ddm`` package.
+"""
+import contextlib
+import functools
+import importlib
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ddm import experiment
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Dense peak FLOP/s per chip from the vendors' data sheets (no sparsity), by compute dtype. Matched
+# against jax's device_kind by substring, first match wins. fp32 on NVIDIA is the non-tensor-core
+# rate; XLA's default float32 matmul precision on Ampere+ may use TF32 (tf32 column), so MFU of a
+# float32 run is quoted against both where they differ.
+PEAK_TFLOPS = [
+    # (device_kind substring, {dtype: TFLOP/s})
+    ("H200", {"bfloat16": 989.0, "float32": 67.0, "tf32": 494.5}),
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 51.0, "tf32": 378.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 67.0, "tf32": 494.5}),  # SXM
+    ("A100", {"bfloat16": 312.0, "float32": 19.5, "tf32": 156.0}),
+    ("L4", {"bfloat16": 121.0, "float32": 30.3, "tf32": 60.0}),
+    ("A10G", {"bfloat16": 70.0, "float32": 31.2, "tf32": 35.0}),
+    ("V100", {"bfloat16": 0.0, "float32": 15.7, "float16": 125.0}),
+    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
+    ("TPU v5e", {"bfloat16": 197.0, "float32": 197.0}),
+    ("TPU v5p", {"bfloat16": 459.0, "float32": 459.0}),
+    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),
+    ("TPU v6", {"bfloat16": 918.0, "float32": 918.0}),
+    ("TPU v3", {"bfloat16": 123.0, "float32": 123.0}),
+]
+
+
+def table_peak(device_kind: str, dtype_name: str):
+    """(peak FLOP/s, source string) from PEAK_TFLOPS, or (None, reason)."""
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            value = peaks.get(dtype_name)
+            if value:
+                return value * 1e12, f"table: {name} {dtype_name} dense {value:g} TFLOP/s"
+    return None, f"no table entry for {device_kind!r}"
+
+
+def measured_matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), repeats=5):
+    """Best FLOP/s of jitted square matmuls on the default device (the CPU 'peak' used for MFU)."""
+    best = 0.0
+    for n in sizes:
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+        f = jax.jit(lambda x: x @ x)
+        jax.block_until_ready(f(a))
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(f(a))
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def device_peak(dtype_name: str):
+    """(peak FLOP/s, source): the table for accelerators, a measured matmul peak on CPU."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        peak = measured_matmul_peak(DTYPES[dtype_name])
+        return peak, f"measured: best {dtype_name} 1024/2048 square matmul on this CPU ({peak / 1e9:.1f} GFLOP/s)"
+    return table_peak(device.device_kind, dtype_name)
+
+
+def load_config(name: str):
+    """configs/<name>.py's config ('cifar10_linear', 'cifar10_cosine', ...)."""
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def build(config_name: str, dtype_name: str = "float32", **model_overrides):
+    """(config, model, diffusion, image_shape) for a config, the model's dtype set to dtype_name."""
+    config = load_config(config_name)
+    config.model.dtype = dtype_name
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    channels = 1 if config.data.name == "digits" else 3
+    image_shape = (config.data.image_size, config.data.image_size, channels)
+    model = experiment.build_model(config, channels)
+    diffusion = experiment.build_diffusion(config)
+    return config, model, diffusion, image_shape
+
+
+# --------------------------------------------------------------------------------------------- #
+# Hand FLOP count.
+# --------------------------------------------------------------------------------------------- #
+
+def _taps(n_in: int, k: int, stride: int) -> int:
+    """Kernel taps that land inside the input, summed over the output positions of one axis, for
+    a TF 'SAME' conv (padding is not counted, as XLA's cost analysis does not count it)."""
+    n_out = -(-n_in // stride)
+    pad_total = max((n_out - 1) * stride + k - n_in, 0)
+    lo = pad_total // 2
+    return sum(1 for o in range(n_out) for j in range(k) if 0 <= o * stride + j - lo < n_in)
+
+
+def unet_forward_macs(model, image_shape, batch: int = 1, count_padding: bool = False) -> dict:
+    """Multiply-accumulates of one U-Net forward, by kind, walking the module's structure.
+
+    Counts the convolutions, the dense layers (timestep MLP, res blocks' temb projections and
+    1x1 shortcuts, attention q/k/v/out) and the two attention matmuls; elementwise work (norms,
+    activations, softmax, additions) is left out. Returns {'conv', 'dense', 'attention',
+    'conv_in'} in MACs for ``batch`` images (2 * MACs = FLOPs).
+    """
+    h_size, w_size, c_in = image_shape
+    out_channels = model.out_channels or c_in
+    ch, levels = model.ch, len(model.ch_mult)
+    macs = {"conv": 0, "dense": 0, "attention": 0, "conv_in": 0}
+    emb_ch = 4 * ch
+
+    def conv(h, w, cin, cout, k=3, stride=1, kind="conv"):
+        if count_padding:
+            taps = (-(-h // stride)) * k * (-(-w // stride)) * k
+        else:
+            taps = _taps(h, k, stride) * _taps(w, k, stride)
+        macs[kind] += batch * taps * cin * cout
+        return -(-h // stride), -(-w // stride)
+
+    def dense(n, cin, cout):
+        macs["dense"] += batch * n * cin * cout
+
+    def res_block(h, w, cin, cout, resample=None):
+        if resample == "down":
+            h, w = h // 2, w // 2
+        elif resample == "up":
+            h, w = h * 2, w * 2
+        conv(h, w, cin, cout)
+        dense(1, emb_ch, 2 * cout if model.scale_shift_norm else cout)
+        conv(h, w, cout, cout)
+        if cin != cout:
+            if model.conv_shortcut:
+                conv(h, w, cin, cout)
+            else:
+                dense(h * w, cin, cout)
+        return h, w
+
+    def attn(h, w, c):
+        n = h * w
+        dense(n, c, 3 * c)  # q, k, v
+        dense(n, c, c)  # proj_out
+        macs["attention"] += batch * 2 * n * n * c  # q k^T and weights v, over all heads
+
+    dense(1, ch, emb_ch)
+    dense(1, emb_ch, emb_ch)
+    h, w = conv(h_size, w_size, c_in, ch, kind="conv_in")
+    c = ch
+    skips = [c]
+    for level, mult in enumerate(model.ch_mult):
+        for _ in range(model.num_res_blocks):
+            h, w = res_block(h, w, c, ch * mult)
+            c = ch * mult
+            if h in model.attn_resolutions:
+                attn(h, w, c)
+            skips.append(c)
+        if level != levels - 1:
+            if model.resblock_updown:
+                h, w = res_block(h, w, c, c, "down")
+            elif model.resamp_with_conv:
+                h, w = conv(h, w, c, c, stride=2)
+            else:
+                h, w = h // 2, w // 2
+            skips.append(c)
+    h, w = res_block(h, w, c, c)
+    attn(h, w, c)
+    h, w = res_block(h, w, c, c)
+    for level in reversed(range(levels)):
+        for _ in range(model.num_res_blocks + 1):
+            h, w = res_block(h, w, c + skips.pop(), ch * model.ch_mult[level])
+            c = ch * model.ch_mult[level]
+            if h in model.attn_resolutions:
+                attn(h, w, c)
+        if level != 0:
+            if model.resblock_updown:
+                h, w = res_block(h, w, c, c, "up")
+            else:
+                h, w = h * 2, w * 2
+                if model.resamp_with_conv:
+                    conv(h, w, c, c)
+    conv(h, w, c, out_channels)
+    return macs
+
+
+def hand_flops(model, image_shape, batch: int = 1, count_padding: bool = False, wgrad_padding: bool = False) -> dict:
+    """FLOPs (2 * MACs) of the forward and of the train step's forward + backward.
+
+    Backward = the gradient with respect to the activations (one forward's MACs, except for
+    conv_in, whose input, the noisy image, needs no gradient) plus the gradient with respect to the
+    weights (another forward's MACs); the attention matmuls likewise cost 2x forward in backward.
+    So train = 3 * forward - conv_in. With ``wgrad_padding`` the kernel gradients count the taps in
+    the padding, as the per-tap matmuls of ``kernel_grad_by_taps`` below do (XLA's convolutions,
+    which ddm.unet uses, skip them). Optimizer, EMA, norms and activations are not counted.
+    """
+    macs = unet_forward_macs(model, image_shape, batch, count_padding)
+    wgrad = unet_forward_macs(model, image_shape, batch, count_padding or wgrad_padding)
+    forward = 2 * sum(macs.values())
+    train = forward + (forward - 2 * macs["conv_in"]) + 2 * sum(wgrad.values())
+    return {"forward": forward, "train": train, "macs": macs}
+
+
+def count_params(tree) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(tree))
+
+
+# --------------------------------------------------------------------------------------------- #
+# The PyTorch peer.
+# --------------------------------------------------------------------------------------------- #
+
+def import_diffusers_without_torchvision():
+    """Import diffusers with torchvision marked absent. In this venv torchvision 0.28's C extension
+    does not load against torch 2.13 ('operator torchvision::nms does not exist'), and diffusers
+    imports torchvision (for a model the U-Net does not use) when it is installed."""
+    import diffusers.utils.import_utils as import_utils
+
+    import_utils._torchvision_available = False
+    import diffusers
+
+    return diffusers
+
+
+def diffusers_unet(model, image_size: int, in_channels: int = 3):
+    """diffusers' UNet2DModel with the same architecture as ``model`` (a DDPM-style ddm UNet: one
+    attention head, no scale-shift norm, conv resampling). DDPM CIFAR-10's is google/ddpm-cifar10-32's
+    configuration; other configs change the blocks per level, dropout and output channels."""
+    import_diffusers_without_torchvision()
+    from diffusers import UNet2DModel
+
+    if model.scale_shift_norm or model.resblock_updown or not model.resamp_with_conv:
+        raise ValueError("diffusers_unet: only DDPM-style U-Nets (no scale_shift_norm / resblock_updown)")
+    sizes = [image_size // 2 ** i for i in range(len(model.ch_mult))]
+    down = tuple("AttnDownBlock2D" if s in model.attn_resolutions else "DownBlock2D" for s in sizes)
+    up = tuple("AttnUpBlock2D" if s in model.attn_resolutions else "UpBlock2D" for s in reversed(sizes))
+    return UNet2DModel(
+        sample_size=image_size, in_channels=in_channels, out_channels=model.out_channels or in_channels,
+        block_out_channels=tuple(model.ch * m for m in model.ch_mult), layers_per_block=model.num_res_blocks,
+        down_block_types=down, up_block_types=up,
+        attention_head_dim=None if model.num_heads == 1 else model.ch * model.ch_mult[0] // model.num_heads,
+        norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=model.dropout)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Timing.
+# --------------------------------------------------------------------------------------------- #
+
+def interleaved(runners, rounds: int):
+    """Seconds of each call, per runner, over `rounds` rounds that alternate between the runners
+    (so load from other processes falls on all of them). Returns a list of lists."""
+    times = [[] for _ in runners]
+    for _ in range(rounds):
+        for i, run in enumerate(runners):
+            start = time.perf_counter()
+            run()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def median(values):
+    return float(np.median(values))
+
+
+def machine_line():
+    device = jax.devices()[0]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"device: {device.device_kind} x{jax.local_device_count()} ({device.platform}), jax {jax.__version__}, "
+            f"{os.cpu_count()} CPU cores, load average {load:.1f}")
+
+
+# --------------------------------------------------------------------------------------------- #
+# The train step and the sampling step of a config, compiled.
+# --------------------------------------------------------------------------------------------- #
+
+def random_params(model, image_shape, seed=0, scale=0.02):
+    """Parameters of init's shapes drawn N(0, scale^2) (no zero-initialised branch; no init compile)."""
+    x = jnp.zeros((1,) + tuple(image_shape))
+    t = jnp.zeros((1,), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+class TrainCall:
+    """ddm's pmapped train call (K steps per call, as experiment.train runs it) on random images.
+
+    ``lowered`` is lowered for (devices, K, batch / devices) inputs; ``compile()`` compiles it;
+    ``__call__`` runs one call (after ``compile``)."""
+
+    def __init__(self, config_name, dtype_name, batch, k=1, devices=None, unroll=None, **model_overrides):
+        from ddm import train
+        from ddm.timestep_sampling import get_timestep_sampler
+
+        config, model, diffusion, image_shape = build(config_name, dtype_name, **model_overrides)
+        self.config, self.model, self.image_shape, self.k = config, model, image_shape, k
+        sampler = get_timestep_sampler(config.diffusion.timestep_sampler, config.diffusion.num_timesteps)
+        optimizer = experiment.build_optimizer(config)
+        ema_rates = tuple(config.optim.ema_rates)
+        devices = list(devices or jax.local_devices())
+        if batch % len(devices):
+            raise ValueError(f"batch {batch} must be a multiple of the {len(devices)} devices")
+        state = jax.eval_shape(lambda: train.create_train_state(
+            model, optimizer, sampler, jax.random.PRNGKey(0), image_shape, ema_rates))
+        step_fn = train.make_train_step(model, diffusion, sampler, optimizer, ema_rates, DTYPES[dtype_name])
+        unroll = jax.default_backend() == "cpu" if unroll is None else unroll  # as experiment.train
+        self.unroll = unroll
+        self.multi = train.make_multi_step(step_fn, unroll=unroll, devices=devices)
+        shape = (len(devices), k, batch // len(devices))
+        self.state_shapes = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct((len(devices),) + s.shape, s.dtype), state)
+        self.batch_shapes = {"image": jax.ShapeDtypeStruct(shape + tuple(image_shape), jnp.float32),
+                             "label": jax.ShapeDtypeStruct(shape, jnp.int32)}
+        self.devices, self.batch = devices, batch
+        self.lowered = self.multi.lower(self.state_shapes, self.batch_shapes)
+        self.compiled = None
+
+    def compile(self):
+        start = time.perf_counter()
+        self.compiled = self.lowered.compile()
+        self.compile_s = time.perf_counter() - start
+        return self.compiled
+
+    def materialize(self):
+        """Real (random) state and batch on the devices, for timing."""
+        from ddm import train
+        from ddm.timestep_sampling import get_timestep_sampler
+
+        c = self.config
+        sampler = get_timestep_sampler(c.diffusion.timestep_sampler, c.diffusion.num_timesteps)
+        state = train.create_train_state(self.model, experiment.build_optimizer(c), sampler, jax.random.PRNGKey(0),
+                                         self.image_shape, tuple(c.optim.ema_rates))
+        state = state.replace(params=random_params(self.model, self.image_shape))
+        self.state = train.replicate(state, self.devices)
+        rng = np.random.default_rng(0)
+        sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(self.devices), (train.AXIS,)),
+                                              jax.sharding.PartitionSpec(train.AXIS))
+        self.inputs = jax.device_put(
+            {"image": rng.uniform(-1, 1, self.batch_shapes["image"].shape).astype(np.float32),
+             "label": np.zeros(self.batch_shapes["label"].shape, np.int32)}, sharding)
+
+    def flops_per_step(self) -> float:
+        """Global FLOPs of one train step from the compiled call's cost analysis."""
+        per_call = cost_flops(self.compiled or self.compile()) * len(self.devices)
+        return per_call / self.k if self.unroll else per_call  # a scan's body is counted once
+
+    def __call__(self):
+        self.state, metrics = self.compiled(self.state, self.inputs)
+        jax.block_until_ready((self.state, metrics))
+
+
+class SampleCall:
+    """One sampling step of a config's sampler (config.sample.method over its respaced steps, or
+    ``method``/``steps`` given): U-Net forward + the update, jitted, on a (batch, H, W, C) state."""
+
+    def __init__(self, config_name, dtype_name, batch, method=None, steps=None, devices=None, **model_overrides):
+        from ddm.sampling import ddim_step, ddpm_step
+
+        config, model, diffusion, image_shape = build(config_name, dtype_name, **model_overrides)
+        if method:
+            config.sample.method = method
+        if steps:
+            config.sample.steps = steps
+        self.method, self.steps = config.sample.method, config.sample.steps
+        d = experiment.build_sampling_diffusion(config, diffusion)
+        step = ddim_step if self.method == "ddim" else ddpm_step
+        clip = config.sample.clip_denoised
+
+        def fn(params, x, t, key):
+            model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False).astype(jnp.float32)
+            return step(d, model_fn, x, t, key, clip_denoised=clip)[0]
+
+        self.devices = list(devices or jax.local_devices()[:1])
+        n = len(self.devices)
+        if batch % n:
+            raise ValueError(f"batch {batch} must be a multiple of the {n} devices")
+        # one device: jit; several: pmap over batch / n images each, parameters broadcast
+        self.x_shape = (batch,) + tuple(image_shape) if n == 1 else (n, batch // n) + tuple(image_shape)
+        self.fn = jax.jit(fn) if n == 1 else jax.pmap(fn, in_axes=(None, 0, None, None), devices=self.devices)
+        self.model, self.image_shape, self.batch, self.diffusion = model, image_shape, batch, d
+        params = jax.eval_shape(lambda: random_params(model, image_shape))
+        self.lowered = self.fn.lower(params, jax.ShapeDtypeStruct(self.x_shape, jnp.float32),
+                                     jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
+        self.compiled = None
+
+    def compile(self):
+        start = time.perf_counter()
+        self.compiled = self.lowered.compile()
+        self.compile_s = time.perf_counter() - start
+        return self.compiled
+
+    def materialize(self):
+        self.params = random_params(self.model, self.image_shape)
+        self.x = jax.random.normal(jax.random.key(1), self.x_shape)
+        self.t = jnp.int32(self.diffusion.num_timesteps // 2)
+        self.key = jax.random.key(2)
+
+    def __call__(self):
+        jax.block_until_ready(self.compiled(self.params, self.x, self.t, self.key))
+
+
+def cost_flops(compiled) -> float:
+    """FLOPs of one call of a compiled executable from XLA's cost analysis (per device for pmap).
+
+    XLA counts a while loop's body once (checked: a 3-step lax.scan train call reports one step's
+    FLOPs), so a scanned K-step call reports one step; an unrolled one reports K steps."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def peak_bytes(compiled) -> dict:
+    """Bytes from the compiled executable's memory_analysis(): arguments, outputs, temporaries,
+    aliased (donated) and peak = arguments + outputs + temporaries - aliased, per device."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {name: int(getattr(m, f"{name}_size_in_bytes", 0)) for name in ("argument", "output", "temp", "alias",
+                                                                        "generated_code")}
+    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    peak_memory = getattr(m, "peak_memory_in_bytes", 0)
+    if peak_memory:
+        out["peak_reported"] = int(peak_memory)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# A candidate U-Net change measured by wgrad_ab.py, profile_steps.py and cpu_scan_unroll.py, kept
+# here (not in ddm/unet.py) because it did not pay on balance: kernel gradients as matmuls.
+# --------------------------------------------------------------------------------------------- #
+
+def _weight_grad_by_taps(x, g, kernel_shape, strides, pads):
+    """The kernel gradient of an NHWC x HWIO -> NHWC convolution as one (C_in, C_out) matmul per
+    kernel tap: dK[i, j] = sum over (b, h, w) of x_padded[b, s*h + i, s*w + j, :]^T g[b, h, w, :].
+
+    Same numbers as the convolution's own transpose (up to summation order). Measured on XLA:CPU:
+    forward + both gradients of one 32x32x128 -> 128 layer (batch 8) 879 -> 652 ms; but see
+    wgrad_ab.py / cpu_scan_unroll.py for the whole train step and the compile time.
+    """
+    kh, kw, c_in, c_out = kernel_shape
+    sh, sw = strides
+    b, ho, wo, _ = g.shape
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    g2 = g.reshape(b * ho * wo, c_out)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            xs = lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c_in),
+                           (1, sh, sw, 1))
+            taps.append(lax.dot_general(xs.reshape(b * ho * wo, c_in), g2, (((0,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32).astype(g.dtype))
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``lax.conv_general_dilated`` for nn.Conv with the same forward and input gradient, whose
+    kernel gradient on CPU is computed by `_weight_grad_by_taps` (accelerators keep XLA's own,
+    through ``lax.platform_dependent``).
+
+    Only for plain NHWC/HWIO convolutions (what nn.Conv builds here); anything else, e.g. dilation
+    or feature groups, falls through to lax unchanged.
+    """
+    conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                             precision=precision, **kwargs)
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+    if (lhs.ndim != 4 or feature_group_count != 1 or dilated or kwargs
+            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc):
+        return conv(lhs, rhs)
+    pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+            if isinstance(padding, str) else padding)
+
+    @jax.custom_vjp
+    def f(x, k):
+        return conv(x, k)
+
+    def f_fwd(x, k):
+        return conv(x, k), (x, k)
+
+    def f_bwd(res, g):
+        x, k = res
+        dx = jax.vjp(lambda x: conv(x, k), x)[1](g)[0]
+        dk = lax.platform_dependent(
+            x, g, cpu=lambda x, g: _weight_grad_by_taps(x, g, k.shape, window_strides, pads),
+            default=lambda x, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0])
+        return dx, dk
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(lhs, rhs)
+
+
+@contextlib.contextmanager
+def kernel_grad_by_taps():
+    """While active, ddm.unet builds its convolutions with `_conv_general_dilated` (kernel gradients
+    as per-tap matmuls on CPU). Trace (lower) the step inside the block; the forward is unchanged."""
+    import ddm.unet as unet
+
+    saved = unet._conv
+
+    def conv(features, dtype, *, kernel=3, stride=1, zero=False, name=None):
+        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                       kernel_init=unet._kernel_init(zero), bias_init=nn.initializers.zeros, dtype=dtype,
+                       param_dtype=jnp.float32, name=name, conv_general_dilated=_conv_general_dilated)
+
+    unet._conv = conv
+    try:
+        yield
+    finally:
+        unet._conv = saved

@@ -1,0 +1,53 @@
+"""The hand FLOP count of benchmarks/common.py against XLA's cost analysis, on tiny U-Nets (no timing)."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+from ddm.unet import UNet
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
+_spec = importlib.util.spec_from_file_location("benchmarks_common", _PATH)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def _cost(fn, *args):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_hand_flops_match_xla_cost_analysis():
+    # Two levels (a downsample, an upsample, channel changes with NIN shortcuts), attention at 8x8
+    # and in the middle, a learned-variance output.
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, out_channels=6)
+    shape, batch = (16, 16, 3), 2
+    x, t = jnp.zeros((batch,) + shape), jnp.zeros((batch,), jnp.int32)
+    params = common.random_params(model, shape)
+    forward = lambda p, x, t: model.apply({"params": p}, x, t, train=False)
+    grad = jax.grad(lambda p, x, t: jnp.sum(forward(p, x, t) ** 2))
+    hand = common.hand_flops(model, shape, batch)
+    # XLA also counts the elementwise work the hand count leaves out: a little above, never below.
+    assert 1.0 <= _cost(forward, params, x, t) / hand["forward"] < 1.04
+    assert 1.0 <= _cost(grad, params, x, t) / hand["train"] < 1.04
+
+
+def test_hand_flops_ddpm_cifar10():
+    # DDPM's CIFAR-10 U-Net: ~6.2 GMACs per 32x32 image counting the padding taps (the figure
+    # usually quoted), fewer without them; the forward scales linearly with the batch.
+    model = UNet(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
+    padded = common.hand_flops(model, (32, 32, 3), 1, count_padding=True)
+    exact = common.hand_flops(model, (32, 32, 3), 1)
+    assert 12.3e9 < padded["forward"] < 12.6e9
+    assert exact["forward"] < padded["forward"]
+    assert common.hand_flops(model, (32, 32, 3), 4)["forward"] == 4 * exact["forward"]
+    # train = 3 x forward - conv_in's forward, when no kernel gradient counts the padding
+    train = common.hand_flops(model, (32, 32, 3), 1)["train"]
+    assert train == 3 * exact["forward"] - 2 * exact["macs"]["conv_in"]
+    assert common.hand_flops(model, (32, 32, 3), 1, wgrad_padding=True)["train"] > train
+
+
+def test_taps_of_same_convs():
+    assert common._taps(32, 3, 1) == 3 * 32 - 2  # one tap in the padding at each edge
+    assert common._taps(32, 3, 2) == 3 * 16 - 1  # TF SAME, stride 2: one pad pixel at the end
+    assert common._taps(4, 1, 1) == 4
