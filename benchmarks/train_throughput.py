@@ -4,8 +4,8 @@
                                           [--steps_per_call K] [--skip_torch] [--torch_compile]
 
 Defaults depend on the backend: batch 8, 4 steps, float32, K=2 on CPU; batch 128, 50 steps, both
-dtypes, K=4 on GPU. (K=1 on CPU is ~30x slower: JAX lowers a length-1 scan to a while loop even when
-unrolled, and XLA:CPU's weight-gradient convolutions are slow inside one.)
+dtypes, K=4 on GPU. (On CPU the K steps are unrolled and K=1 skips the scan: XLA:CPU's
+weight-gradient convolutions are ~10x slower inside a while loop; see cpu_scan_unroll.py.)
 
 Both sides do the same train step on random images in [-1, 1]: t ~ U[0, 1000), x_t = q_sample(x_0,
 t, eps), the model with dropout 0.1 active, MSE to eps, backward, global-norm gradient clipping at 1,
