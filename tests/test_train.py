@@ -91,7 +91,7 @@ def test_importance_sampler_hybrid_loss_and_bfloat16_in_k_step_calls():
     counts = np.asarray(p_state.sampler_state["counts"])
     np.testing.assert_array_equal(counts[0], counts[1])  # every replica holds the same sampler state
     assert counts[0].sum() == 4 * GLOBAL_BATCH  # (t, loss) pairs of both devices, every step (none full yet)
-    assert set(metrics) == {"loss", "mse", "vb", "grad_norm"} and np.isfinite(metrics["vb"][0])
+    assert set(metrics) == {"loss", "mse", "vb", "grad_norm", "finite", "step"} and np.isfinite(metrics["vb"][0])
     assert {str(a.dtype) for a in jax.tree_util.tree_leaves(p_state.params)} == {"float32"}
 
 
