@@ -295,7 +295,17 @@ def random_params(model, image_shape, seed=0, scale=0.02):
     return jax.tree_util.tree_map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
-class TrainCall:
+class Lowered:
+    """A lowered call (``self.lowered``) compiled on demand, with its compile time in seconds."""
+
+    def compile(self):
+        start = time.perf_counter()
+        self.compiled = self.lowered.compile()
+        self.compile_s = time.perf_counter() - start
+        return self.compiled
+
+
+class TrainCall(Lowered):
     """ddm's pmapped train call (K steps per call, as experiment.train runs it) on random images.
 
     ``lowered`` is lowered for (devices, K, batch / devices) inputs; ``compile()`` compiles it;
@@ -328,12 +338,6 @@ class TrainCall:
         self.lowered = self.multi.lower(self.state_shapes, self.batch_shapes)
         self.compiled = None
 
-    def compile(self):
-        start = time.perf_counter()
-        self.compiled = self.lowered.compile()
-        self.compile_s = time.perf_counter() - start
-        return self.compiled
-
     def materialize(self):
         """Real (random) state and batch on the devices, for timing."""
         from ddm import train
@@ -362,7 +366,7 @@ class TrainCall:
         jax.block_until_ready((self.state, metrics))
 
 
-class SampleCall:
+class SampleCall(Lowered):
     """One sampling step of a config's sampler (config.sample.method over its respaced steps, or
     ``method``/``steps`` given): U-Net forward + the update, jitted, on a (batch, H, W, C) state."""
 
@@ -395,12 +399,6 @@ class SampleCall:
         self.lowered = self.fn.lower(params, jax.ShapeDtypeStruct(self.x_shape, jnp.float32),
                                      jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
         self.compiled = None
-
-    def compile(self):
-        start = time.perf_counter()
-        self.compiled = self.lowered.compile()
-        self.compile_s = time.perf_counter() - start
-        return self.compiled
 
     def materialize(self):
         self.params = random_params(self.model, self.image_shape)
