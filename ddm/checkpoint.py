@@ -61,13 +61,14 @@ class Checkpointer:
         """Multi-process: whether all processes agreed to stop at ``step`` (JAX's preemption sync)."""
         return self.manager.reached_preemption(int(step))
 
-    def restore_latest(self, template):
-        """The newest readable checkpoint, laid out like ``template``; ``template`` itself if there is none.
+    def restore_latest(self, template=None):
+        """The newest readable checkpoint, laid out like ``template`` (``None``: as saved, nested dicts);
+        ``template`` itself if there is none.
 
         An unreadable checkpoint is moved aside with a warning and the one before it is tried; one that
         reads but does not fit ``template`` (another architecture) raises ``ValueError``.
         """
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = None if template is None else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
         for step in reversed(self.all_steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -77,7 +78,8 @@ class Checkpointer:
                                      f"config builds: {e}") from e
                 self._quarantine(step, e)
                 continue
-            _check_shapes(restored, abstract, f"checkpoint {step} in {self.directory}")
+            if abstract is not None:
+                _check_shapes(restored, abstract, f"checkpoint {step} in {self.directory}")
             return restored
         return template
 

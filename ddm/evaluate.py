@@ -183,9 +183,12 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, model, image_sh
         if mismatches:
             raise ValueError(f"the config does not match the checkpoint's ({saved_config}): "
                              f"{'; '.join(mismatches)}; evaluate with the training config's values")
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    state = checkpointer.manager.restore(step, args=ocp.args.StandardRestore())  # as saved: no optimizer template
+    state = checkpointer.restore_latest()  # as saved, no optimizer template; an unreadable one falls back
     checkpointer.close()
+    if state is None:
+        raise FileNotFoundError(f"no readable checkpoint in {directory} (see the warnings above): train again with "
+                                f"--mode=train and the same --workdir={workdir}")
+    step = int(state["step"])
     key = ema_key(config.optim.ema_rates[0])
     if key not in state["ema_params"]:
         raise ValueError(f"optim.ema_rates[0]={config.optim.ema_rates[0]} has no EMA copy in checkpoint step {step}; "

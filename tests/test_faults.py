@@ -207,3 +207,16 @@ def test_bad_config_flag_fails_with_the_flag_named(flag, message):
                             env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_eval_falls_back_past_a_corrupt_checkpoint_too(tmp_path, caplog):
+    from ddm import evaluate
+    config = tiny_config(4)
+    experiment.train(config, str(tmp_path))
+    corrupt(os.path.join(tmp_path, "checkpoints", "4"))
+    source = data.load_source(config.data.name, "train", image_size=config.data.image_size)
+    model = experiment.build_model(config, data.image_shape(source)[-1])
+    params, step = evaluate.load_params(config, str(tmp_path), model, data.image_shape(source))
+    assert step == 2 and "checkpoint 4 in" in caplog.text
+    expected = restored_state(config, str(tmp_path)).ema_params[experiment.ema_key(config.optim.ema_rates[0])]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
