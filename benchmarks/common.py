@@ -7,6 +7,7 @@ Import it from a benchmark script (they put this folder on sys.path) or from a t
 import contextlib
 import functools
 import importlib
+import math
 import os
 import sys
 import time
@@ -253,6 +254,95 @@ def diffusers_unet(model, image_size: int, in_channels: int = 3):
         down_block_types=down, up_block_types=up,
         attention_head_dim=None if model.num_heads == 1 else model.ch * model.ch_mult[0] // model.num_heads,
         norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=model.dropout)
+
+
+class TorchTrainCall:
+    """The peer of ddm's train step (K steps per call) on diffusers' UNet2DModel with the config's
+    architecture, on random images in [-1, 1]: t ~ U[0, T), x_t = q_sample(x_0, t, eps), the model
+    with the config's dropout active, the config's loss, backward, global-norm clipping at
+    optim.grad_clip, Adam at optim.learning_rate and an EMA of the parameters at the first
+    optim.ema_rates. The loss is L_simple (mse to eps), or for a learned-range variance IDDPM's
+    L_hybrid as ddm.losses computes it: mse + 0.001 T L_t, L_t the KL to the true posterior with the
+    mean detached (the discretized decoder at t = 0), in bits/dim. bfloat16 is autocast.
+    ``first_call_s`` is the first call's time (allocation, kernel choice)."""
+
+    def __init__(self, config_name, dtype_name, batch, k=1, use_compile=False, **model_overrides):
+        import torch
+
+        config, model, diffusion, image_shape = build(config_name, dtype_name, **model_overrides)
+        if (config.diffusion.timestep_sampler != "uniform" or diffusion.mean_type != "eps"
+                or (diffusion.loss_type, diffusion.var_type) not in (("mse", "fixed_large"), ("mse", "fixed_small"),
+                                                                     ("hybrid", "learned_range"))):
+            raise ValueError(f"TorchTrainCall: {config_name} is not an eps / uniform-t L_simple or L_hybrid "
+                             "(learned_range) config")
+        self.torch, self.k, self.hybrid = torch, k, diffusion.loss_type == "hybrid"
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(0)
+        self.model = diffusers_unet(model, image_shape[0], image_shape[-1]).to(self.device).train()
+        self.params = list(self.model.parameters())
+        self.num_params = sum(p.numel() for p in self.params)
+        self.ema = [p.detach().clone() for p in self.params]
+        self.ema_rate, self.grad_clip = float(config.optim.ema_rates[0]), float(config.optim.grad_clip)
+        self.optimizer = torch.optim.Adam(self.params, lr=config.optim.learning_rate,
+                                          betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps)
+        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.bf16 = dtype_name == "bfloat16"
+        self.T = diffusion.num_timesteps
+        self.arrays = {name: torch.tensor(np.asarray(getattr(diffusion, name)), dtype=torch.float32, device=self.device)
+                       for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                                    "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
+                                    "posterior_log_variance_clipped", "log_betas")}
+        self.x0 = torch.rand((batch, image_shape[-1]) + tuple(image_shape[:2]), device=self.device) * 2 - 1
+        start = time.perf_counter()
+        self()
+        self.first_call_s = time.perf_counter() - start
+
+    def vb_bpd(self, eps, v, x0, xt, t):
+        """L_t in bits/dim per example for the learned-range variance v in [-1, 1] (ddm.losses.vb_terms_bpd)."""
+        torch = self.torch
+        a = lambda name: self.arrays[name][t].view(-1, 1, 1, 1)
+        pred_x0 = a("sqrt_recip_alphas_cumprod") * xt - a("sqrt_recipm1_alphas_cumprod") * eps
+        mean = a("posterior_mean_coef1") * pred_x0 + a("posterior_mean_coef2") * xt
+        true_mean = a("posterior_mean_coef1") * x0 + a("posterior_mean_coef2") * xt
+        min_log, max_log = a("posterior_log_variance_clipped"), a("log_betas")
+        frac = (v + 1) / 2
+        log_var = frac * max_log + (1 - frac) * min_log
+        kl = 0.5 * (-1 + log_var - min_log + torch.exp(min_log - log_var) + (true_mean - mean) ** 2 * torch.exp(-log_var))
+        cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+        inv_std = torch.exp(-0.5 * log_var)
+        cdf_plus, cdf_min = cdf(inv_std * (x0 - mean + 1 / 255)), cdf(inv_std * (x0 - mean - 1 / 255))
+        log_probs = torch.where(x0 < -0.999, torch.log(cdf_plus.clamp(min=1e-12)),
+                                torch.where(x0 > 0.999, torch.log((1 - cdf_min).clamp(min=1e-12)),
+                                            torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
+        dims = (1, 2, 3)
+        return torch.where(t == 0, -log_probs.mean(dims), kl.mean(dims)) / math.log(2)
+
+    def step(self):
+        torch, x0 = self.torch, self.x0
+        t = torch.randint(0, self.T, (x0.shape[0],), device=self.device)
+        noise = torch.randn_like(x0)
+        xt = (self.arrays["sqrt_alphas_cumprod"][t].view(-1, 1, 1, 1) * x0
+              + self.arrays["sqrt_one_minus_alphas_cumprod"][t].view(-1, 1, 1, 1) * noise)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.forward(xt, t).sample.float()
+        eps, v = out[:, :x0.shape[1]], out[:, x0.shape[1]:]
+        loss = torch.nn.functional.mse_loss(eps, noise)
+        if self.hybrid:
+            loss = loss + 0.001 * self.T * self.vb_bpd(eps.detach(), v, x0, xt, t).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_mul_(self.ema, self.ema_rate)
+            torch._foreach_add_(self.ema, self.params, alpha=1.0 - self.ema_rate)
+
+    def __call__(self):
+        for _ in range(self.k):
+            self.step()
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------------- #

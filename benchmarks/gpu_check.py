@@ -122,21 +122,20 @@ def peer_check(args, overrides, results):
     if not torch.cuda.is_available() and not args.smoke:
         results["skipped"].append("peer: torch has no CUDA device")
         return
-    from train_throughput import TorchRunner
-
     from sampling_step import TorchRunner as TorchSampleRunner
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     for dtype_name in args.dtypes.split(","):
-        runner = TorchRunner(dtype_name, args.batch, args.k, False)
+        runner = common.TorchTrainCall("cifar10_linear", dtype_name, args.batch, args.k, **overrides)
         times = common.interleaved([runner], args.train_calls)[0]
         rate = args.k / common.median(times)
         results["rows"].append({"what": f"PEER diffusers train step, batch {args.batch}", "dtype": dtype_name,
                                 "steps_per_s": rate})
         print(f"[peer train {dtype_name}] {rate:.2f} steps/s", flush=True)
         _, model, diffusion, image_shape = common.build("cifar10_linear", dtype_name, **overrides)
-        sampler = TorchSampleRunner(model, diffusion, image_shape, args.sample_batch, dtype_name,
+        d = ddm.respace(diffusion, ddm.space_timesteps(diffusion.num_timesteps, f"ddim{args.ddim_steps}"))
+        sampler = TorchSampleRunner(model, d, image_shape, args.sample_batch, dtype_name,
                                     "cuda" if torch.cuda.is_available() else "cpu")
         times = common.interleaved([sampler], 3)[0]
         per_step = common.median(times)

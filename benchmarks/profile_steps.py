@@ -4,7 +4,7 @@ per XLA op / fusion, each annotated with what it computes (from the optimised HL
     python benchmarks/profile_steps.py [--config cifar10_linear] [--batch 8] [--calls 2]
                                        [--steps train,sample] [--top 15] [--dtype float32]
                                        [--trace_dir /tmp/ddm_profile] [--ch N]
-                                       [--variants current,taps]
+                                       [--variants current,taps,scan] [--k K]
 
 Each step is compiled (as in benchmarks/flops.py: the pmapped train step with K=1, and one
 sampling step of the config's sampler), warmed up, then called --calls times inside
@@ -15,7 +15,11 @@ pool, so shares are of summed op time, not of wall time. Each op's line says whi
 it (convolution, dot, reduce, ...) and the shape of its result. The trace directory can be opened
 in Perfetto (ui.perfetto.dev) or TensorBoard's profile plugin; ops.json next to it has every op's
 time and description. --variants taps profiles the U-Net with common.kernel_grad_by_taps (kernel
-gradients as per-tap matmuls on CPU), for a before/after in one run.
+gradients as per-tap matmuls on CPU), for a before/after in one run. --k K profiles the train call
+of K steps (experiment.train's steps_per_call; unrolled on CPU); --variants scan profiles it with
+the K steps in a lax.scan, the form CPU runs had before make_multi_step unrolled them (K >= 2):
+
+    python benchmarks/profile_steps.py --config digits --batch 64 --steps train --k 2 --variants scan,current
 """
 import argparse
 import collections
@@ -122,8 +126,9 @@ def profile(call, label, trace_dir, calls, top):
 def op_kind(what: str) -> str:
     """A coarse class of an op from its HLO summary."""
     if "convolution" in what:
-        # kernel gradients come out as (C_in, kh, kw, C_out), kh = kw = 3 (or 1) here
-        if re.search(r"-> \w+\[\d+,[13],[13],\d+\]", what):
+        # kernel gradients come out as (C_in, kh, kw, C_out) (or HWIO inside a while loop), kh = kw = 3
+        # or 1 here; activations are (B, H, W, C) with H, W >= 4
+        if re.search(r"-> \w+\[(\d+,[13],[13],\d+|[13],[13],\d+,\d+)\]", what):
             return "convolution (kernel gradient)"
         return "convolution (forward / input gradient)"
     if "dot" in what:
@@ -144,9 +149,12 @@ def main():
     parser.add_argument("--trace_dir", default="/tmp/ddm_profile")
     parser.add_argument("--ch", type=int, default=0, help="override model.ch (quick tries)")
     parser.add_argument("--variants", default="current",
-                        help="'current' (ddm.unet as it is), 'taps' (common.kernel_grad_by_taps) or both, "
-                             "comma-separated")
+                        help="comma-separated: 'current' (ddm as it is), 'taps' (common.kernel_grad_by_taps), "
+                             "'scan' (the K train steps in a lax.scan even on CPU)")
+    parser.add_argument("--k", type=int, default=1, help="train steps per call")
     args = parser.parse_args()
+    if "scan" in args.variants.split(",") and args.k < 2:
+        parser.error("--variants scan needs --k 2 or more (a K=1 call has no scan)")
     overrides = {"ch": args.ch} if args.ch else {}
     print(common.machine_line())
     import contextlib
@@ -155,12 +163,14 @@ def main():
         for variant in args.variants.split(","):
             with common.kernel_grad_by_taps() if variant == "taps" else contextlib.nullcontext():
                 if step == "train":
-                    call = common.TrainCall(args.config, args.dtype, args.batch, 1,
-                                            devices=jax.local_devices()[:1], **overrides)
+                    call = common.TrainCall(args.config, args.dtype, args.batch, args.k,
+                                            devices=jax.local_devices()[:1],
+                                            unroll=False if variant == "scan" else None, **overrides)
                 else:
                     call = common.SampleCall(args.config, args.dtype, args.batch, **overrides)
             call.compile()
-            profile(call, f"{args.config} {step} step, batch {args.batch}, {args.dtype}, {variant}",
+            k = f", K={args.k} steps per call" if step == "train" and args.k > 1 else ""
+            profile(call, f"{args.config} {step} step, batch {args.batch}, {args.dtype}{k}, {variant}",
                     os.path.join(args.trace_dir, step, variant), args.calls, args.top)
 
 

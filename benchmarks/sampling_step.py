@@ -21,64 +21,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (puts the repository on sys.path)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-import ddm  # noqa: E402
-from ddm.sampling import ddim_step  # noqa: E402
 
 DDIM_STEPS = 50
 
 
-def jax_params(model, image_shape, seed=0):
-    x = jnp.zeros((1,) + tuple(image_shape))
-    t = jnp.zeros((1,), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False))["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), shapes)
-
-
-def sampling_diffusion(diffusion):
-    return ddm.respace(diffusion, ddm.space_timesteps(diffusion.num_timesteps, f"ddim{DDIM_STEPS}"))
-
-
-def make_jax_step(model, diffusion):
-    """jit(params, x, t, key) -> x_prev: one DDIM step (eta 0) with the U-Net forward."""
-    d = sampling_diffusion(diffusion)
-
-    def step(params, x, t, key):
-        model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False).astype(jnp.float32)
-        return ddim_step(d, model_fn, x, t, key)[0]
-
-    return jax.jit(step), d
-
-
-class JaxRunner:
-    def __init__(self, model, diffusion, image_shape, batch):
-        self.fn, self.d = make_jax_step(model, diffusion)
-        self.params = jax_params(model, image_shape)
-        self.x = jax.random.normal(jax.random.key(1), (batch,) + tuple(image_shape))
-        self.t = jnp.int32(self.d.num_timesteps // 2)
-        self.key = jax.random.key(2)
-        self.compiled = self.fn.lower(self.params, self.x, self.t, self.key).compile()
-        self()
-
-    def __call__(self):
-        jax.block_until_ready(self.compiled(self.params, self.x, self.t, self.key))
+def ddm_call(config_name, dtype_name, batch):
+    """ddm's compiled, warmed-up DDIM step (eta 0, the config's 1000-step chain respaced to 50)."""
+    call = common.SampleCall(config_name, dtype_name, batch, method="ddim", steps=DDIM_STEPS)
+    call.compile()
+    call.materialize()
+    call()
+    return call
 
 
 class TorchRunner:
-    """The same step on diffusers' UNet2DModel: eps = model(x, t); x0 = clip(...); DDIM eta=0."""
+    """The same step on diffusers' UNet2DModel: eps = model(x, t) (its first C channels); x0 =
+    clip(...); DDIM eta=0. ``d`` is the respaced diffusion of the ddm side (SampleCall.diffusion)."""
 
-    def __init__(self, model, diffusion, image_shape, batch, dtype_name, device="cpu"):
+    def __init__(self, model, d, image_shape, batch, dtype_name, device="cpu"):
         import torch
 
         self.torch, self.device = torch, torch.device(device)
         torch.manual_seed(0)
         self.net = common.diffusers_unet(model, image_shape[0], image_shape[-1]).eval().to(self.device)
         self.num_params = sum(p.numel() for p in self.net.parameters())
-        d = sampling_diffusion(diffusion)
         t = d.num_timesteps // 2
         ab = float(np.asarray(d.alphas_cumprod)[t])
         ab_prev = float(np.asarray(d.alphas_cumprod_prev)[t])
@@ -91,7 +58,7 @@ class TorchRunner:
     def __call__(self):
         torch = self.torch
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            eps = self.net(self.x, self.t).sample.float()
+            eps = self.net(self.x, self.t).sample[:, :self.x.shape[1]].float()
             r_ab, r_ab1, s_prev, s_1m_prev = self.coef
             x0 = (r_ab * self.x - r_ab1 * eps).clamp(-1, 1)
             eps = (r_ab * self.x - x0) / r_ab1
@@ -111,14 +78,14 @@ def main():
     parser.add_argument("--skip_torch", action="store_true")
     args = parser.parse_args()
 
-    config, model, diffusion, image_shape = common.build(args.config, args.dtype)
     print(common.machine_line())
-    runners = [JaxRunner(model, diffusion, image_shape, args.batch)]
+    runners = [ddm_call(args.config, args.dtype, args.batch)]
+    model, image_shape = runners[0].model, runners[0].image_shape
     print(f"{args.config}: {common.count_params(runners[0].params):,} parameters (ddm)", end="")
     if not args.skip_torch:
         import torch
         torch.set_num_threads(args.threads)
-        runners.append(TorchRunner(model, diffusion, image_shape, args.batch, args.dtype))
+        runners.append(TorchRunner(model, runners[0].diffusion, image_shape, args.batch, args.dtype))
         print(f", {runners[1].num_params:,} (diffusers); torch {torch.__version__}, {torch.get_num_threads()} threads",
               end="")
     print(f"\nbatch {args.batch}, {args.dtype}, {args.rounds} interleaved rounds of one step per side")

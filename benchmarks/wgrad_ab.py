@@ -45,11 +45,9 @@ def main():
     if not args.skip_torch:
         import torch
 
-        from train_throughput import TorchRunner
-
         torch.set_num_threads(os.cpu_count())
         names.append(f"diffusers (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-        runners.append(TorchRunner("float32", args.batch, 1, False))
+        runners.append(common.TorchTrainCall(args.config, "float32", args.batch, 1))
     times = common.interleaved(runners, args.rounds)
     meds = [common.median(t) for t in times]
     print(f"\n{args.config}, batch {args.batch}, float32, {args.rounds} interleaved rounds, one step per call")

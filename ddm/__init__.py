@@ -2,6 +2,10 @@
 
 The public API (see DESIGN.md) is importable from here; each name lives in the module of its concept.
 """
+from ddm import xla_cpu
+
+xla_cpu.apply()  # before any JAX computation: XLA reads XLA_FLAGS when its CPU backend starts
+
 from ddm.diffusion import (Diffusion, make_diffusion, p_mean_variance, pred_eps_from_x0, pred_x0_from_eps,
                            pred_x0_from_mu, pred_x0_from_v, q_mean_variance, q_posterior, q_sample, v_target)
 from ddm.likelihood import bits_per_dim, prior_bpd

@@ -19,6 +19,7 @@ Paper references used below:
   IDDPM Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
   ADM   Dhariwal, Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis".
 """
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -71,10 +72,69 @@ def _dense(features: int, dtype, *, zero: bool = False, name: Optional[str] = No
                     dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _group_norm(dtype, name: Optional[str] = None):
-    """GroupNorm(32, eps 1e-6); its statistics are computed in float32 even for bf16 compute."""
-    return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=NORM_EPS, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+def _group_moments(x, num_groups: int, eps: float):
+    """Mean and 1 / std of x (B, H, W, C) over each example's channel groups, as (B, 1, 1, C).
+
+    The moments are reduced over (H, W) first, then over each group's C / G channels: XLA:CPU
+    reduces the leading spatial axes several times faster than (H, W, C / G) blocks. The variance
+    is E[x^2] - E[x]^2 clipped at 0 (flax's and PyTorch's fast variance).
+    """
+    b, _, _, c = x.shape
+    per_group = lambda m: jnp.mean(m.reshape(b, num_groups, c // num_groups), axis=-1)
+    mean = per_group(jnp.mean(x, axis=(1, 2)))
+    var = jnp.maximum(per_group(jnp.mean(jnp.square(x), axis=(1, 2))) - jnp.square(mean), 0.0)
+    per_channel = lambda g: jnp.repeat(g, c // num_groups, axis=1)[:, None, None, :]
+    return per_channel(mean), per_channel(jax.lax.rsqrt(var + eps))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x, scale, bias, num_groups: int, eps: float):
+    """GroupNorm of x (B, H, W, C) with per-channel scale and bias (C,) (Wu & He 2018).
+
+    The gradient is the closed form (one pass for the per-(example, channel) sums, one for dx)
+    instead of autodiff's chain through the moments; tests check it against flax's GroupNorm.
+    """
+    mean, inv_std = _group_moments(x, num_groups, eps)
+    return (x - mean) * (inv_std * scale) + bias
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, eps):
+    mean, inv_std = _group_moments(x, num_groups, eps)
+    return (x - mean) * (inv_std * scale) + bias, (x, scale, mean, inv_std)
+
+
+def _group_norm_bwd(num_groups, eps, residuals, dy):
+    # With xhat = (x - mean) * inv_std and n = H * W * C / G elements per group:
+    # dx = inv_std * (dy * scale - mean_g(dy * scale) - xhat * mean_g(dy * scale * xhat)).
+    x, scale, mean, inv_std = residuals
+    b, height, width, c = x.shape
+    xhat = (x - mean) * inv_std
+    dy_xhat, dy_sum = jnp.sum(dy * xhat, axis=(1, 2)), jnp.sum(dy, axis=(1, 2))  # (B, C)
+    n = height * width * (c // num_groups)
+    group_mean = lambda v: jnp.repeat(jnp.sum((v * scale).reshape(b, num_groups, -1), axis=-1) / n,
+                                      c // num_groups, axis=1)[:, None, None, :]
+    dx = inv_std * (dy * scale - group_mean(dy_sum) - xhat * group_mean(dy_xhat))
+    return dx, jnp.sum(dy_xhat, axis=0), jnp.sum(dy_sum, axis=0)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm(32, eps 1e-6) with parameters ``scale`` and ``bias`` (C,) like flax's
+    ``nn.GroupNorm``; it normalises in float32 and returns ``dtype``."""
+    num_groups: int = NUM_GROUPS
+    epsilon: float = NORM_EPS
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
 
 
 def _upsample_nearest(x):
@@ -146,7 +206,7 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb, *, train: bool):
-        h = nn.swish(_group_norm(self.dtype, "norm1")(x))
+        h = nn.swish(GroupNorm(dtype=self.dtype, name="norm1")(x))
         if self.resample is not None:
             resample = {"down": _avg_pool2, "up": _upsample_nearest}[self.resample]
             h, x = resample(h), resample(x)
@@ -156,9 +216,9 @@ class ResBlock(nn.Module):
         emb_out = _dense(emb_ch, self.dtype, name="temb_proj")(nn.swish(emb))[:, None, None, :]
         if self.scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = _group_norm(self.dtype, "norm2")(h) * (1 + scale) + shift
+            h = GroupNorm(dtype=self.dtype, name="norm2")(h) * (1 + scale) + shift
         else:
-            h = _group_norm(self.dtype, "norm2")(h + emb_out)
+            h = GroupNorm(dtype=self.dtype, name="norm2")(h + emb_out)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
         h = _conv(self.out_ch, self.dtype, zero=True, name="conv2")(h)
 
@@ -187,7 +247,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x):
         b, height, width, c = x.shape
         head_ch = c // self.num_heads
-        h = _group_norm(self.dtype, "norm")(x)
+        h = GroupNorm(dtype=self.dtype, name="norm")(x)
         q, k, v = (_dense(c, self.dtype, name=n)(h).reshape(b, height * width, self.num_heads,
                                                               head_ch)
                    for n in ("q", "k", "v"))
@@ -350,6 +410,6 @@ class UNet(nn.Module):
                 else:
                     h = Upsample(self.resamp_with_conv, dtype=self.dtype, name=name)(h)
 
-        h = nn.swish(_group_norm(self.dtype, "norm_out")(h))
+        h = nn.swish(GroupNorm(dtype=self.dtype, name="norm_out")(h))
         h = _conv(out_channels, self.dtype, zero=True, name="conv_out")(h)
         return h.astype(jnp.float32)

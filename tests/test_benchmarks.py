@@ -51,3 +51,27 @@ def test_taps_of_same_convs():
     assert common._taps(32, 3, 1) == 3 * 32 - 2  # one tap in the padding at each edge
     assert common._taps(32, 3, 2) == 3 * 16 - 1  # TF SAME, stride 2: one pad pixel at the end
     assert common._taps(4, 1, 1) == 4
+
+
+def test_torch_peer_hybrid_loss_matches_ddm():
+    # The PyTorch peer of the IDDPM train step computes L_t as ddm.losses does (same work, same numbers).
+    import numpy as np
+    import torch
+    from ddm.losses import vb_terms_bpd
+
+    peer = common.TorchTrainCall("cifar10_cosine", "float32", 2, 1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                 attn_resolutions=())
+    assert peer.hybrid and peer.T == 4000
+    _, _, diffusion, _ = common.build("cifar10_cosine")
+    rng = np.random.default_rng(0)
+    x0 = np.round(rng.uniform(-1, 1, (4, 3, 8, 8)) * 127.5) / 127.5
+    x0[0, 0, 0, :2] = (-1.0, 1.0)  # the decoder's open edge bins
+    xt, eps, v = (rng.standard_normal((4, 3, 8, 8)) for _ in range(3))
+    v = np.tanh(v)
+    t = np.array([0, 1, 2000, 3999])
+    ours = peer.vb_bpd(*(torch.tensor(a, dtype=torch.float32) for a in (eps, v, x0, xt)), torch.tensor(t))
+    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1), jnp.float32)
+    ref = vb_terms_bpd(diffusion, jnp.concatenate([nhwc(eps), nhwc(v)], -1), nhwc(x0), nhwc(xt), jnp.asarray(t))
+    np.testing.assert_allclose(ours.numpy(), np.asarray(ref["output"]), rtol=2e-4, atol=1e-6)
+    peer()  # one full train step of the peer runs and leaves finite parameters
+    assert all(torch.isfinite(p).all() for p in peer.params)

@@ -1,0 +1,47 @@
+"""ddm.unet's GroupNorm (moments over (H, W) first, closed-form gradient) against flax's nn.GroupNorm."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddm.unet import GroupNorm
+
+
+def _both(x, dtype=jnp.float32):
+    ours, ref = GroupNorm(dtype=dtype), nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32)
+    variables = ref.init(jax.random.key(0), x)
+    assert jax.tree_util.tree_structure(ours.init(jax.random.key(0), x)) == jax.tree_util.tree_structure(variables)
+    rng = np.random.default_rng(1)
+    params = {"scale": jnp.asarray(rng.normal(1.0, 0.3, x.shape[-1]), jnp.float32),
+              "bias": jnp.asarray(rng.normal(0.0, 0.3, x.shape[-1]), jnp.float32)}
+    return ours, ref, {"params": params}
+
+
+@pytest.mark.parametrize("shape,offset", [((3, 8, 8, 64), 0.0), ((2, 4, 6, 32), 3.0), ((1, 1, 1, 96), 0.0)])
+def test_forward_and_gradients_match_flax(shape, offset):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(offset, 2.0, shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)  # a generic cotangent
+    ours, ref, variables = _both(x)
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=2e-5)
+    loss = lambda model: lambda v, x: jnp.sum(model.apply(v, x) * w)
+    got = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    want = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))
+
+
+def test_normalises_each_group_and_keeps_dtype():
+    x = jnp.asarray(np.random.default_rng(2).normal(5.0, 3.0, (2, 4, 4, 64)), jnp.bfloat16)
+    model = GroupNorm(dtype=jnp.bfloat16)
+    y = model.apply(model.init(jax.random.key(0), x), x)
+    assert y.dtype == jnp.bfloat16
+    groups = np.asarray(y, np.float32).reshape(2, 16, 32, 2)
+    np.testing.assert_allclose(groups.mean(axis=(1, 3)), 0.0, atol=0.02)
+    np.testing.assert_allclose(groups.std(axis=(1, 3)), 1.0, atol=0.02)
+
+
+def test_channels_must_split_into_groups():
+    with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
+        GroupNorm().init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))
