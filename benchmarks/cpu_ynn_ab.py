@@ -50,10 +50,7 @@ def ddm_call(step, config, batch, options, flax_norm):
                 else common.SampleCall(config, "float32", batch, method="ddim", steps=50))
     finally:
         ddm.unet.GroupNorm = saved
-    call.compiled = call.lowered.compile(compiler_options=options)
-    call.materialize()
-    call()
-    return call
+    return call.ready(options)
 
 
 def main():

@@ -26,15 +26,6 @@ import numpy as np  # noqa: E402
 DDIM_STEPS = 50
 
 
-def ddm_call(config_name, dtype_name, batch):
-    """ddm's compiled, warmed-up DDIM step (eta 0, the config's 1000-step chain respaced to 50)."""
-    call = common.SampleCall(config_name, dtype_name, batch, method="ddim", steps=DDIM_STEPS)
-    call.compile()
-    call.materialize()
-    call()
-    return call
-
-
 class TorchRunner:
     """The same step on diffusers' UNet2DModel: eps = model(x, t) (its first C channels); x0 =
     clip(...); DDIM eta=0. ``d`` is the respaced diffusion of the ddm side (SampleCall.diffusion)."""
@@ -79,7 +70,7 @@ def main():
     args = parser.parse_args()
 
     print(common.machine_line())
-    runners = [ddm_call(args.config, args.dtype, args.batch)]
+    runners = [common.SampleCall(args.config, args.dtype, args.batch, method="ddim", steps=DDIM_STEPS).ready()]
     model, image_shape = runners[0].model, runners[0].image_shape
     print(f"{args.config}: {common.count_params(runners[0].params):,} parameters (ddm)", end="")
     if not args.skip_torch:

@@ -33,15 +33,6 @@ import common  # noqa: E402  (puts the repository on sys.path)
 import jax  # noqa: E402
 
 
-def ddm_call(config_name, dtype_name, batch, k):
-    """ddm's compiled, warmed-up K-step train call on random data."""
-    call = common.TrainCall(config_name, dtype_name, batch, k)
-    call.compile()
-    call.materialize()
-    call()
-    return call
-
-
 def main():
     on_cpu = jax.default_backend() == "cpu"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,7 +63,7 @@ def main():
     for config_name in args.configs.split(","):
         for dtype_name in dtypes:
             tag = f"[{config_name} {dtype_name}]"
-            runners = [ddm_call(config_name, dtype_name, args.batch, k)]
+            runners = [common.TrainCall(config_name, dtype_name, args.batch, k).ready()]
             if not args.skip_torch:
                 runners.append(common.TorchTrainCall(config_name, dtype_name, args.batch, k, args.torch_compile))
             print(f"{tag} params: ddm {common.count_params(runners[0].state.params) // len(runners[0].devices):,}"

@@ -25,10 +25,7 @@ import jax  # noqa: E402
 def ddm_call(config, batch, taps):
     with common.kernel_grad_by_taps() if taps else contextlib.nullcontext():
         call = common.TrainCall(config, "float32", batch, 1, devices=jax.local_devices()[:1])
-    call.compile()
-    call.materialize()
-    call()
-    return call
+    return call.ready()
 
 
 def main():
