@@ -406,9 +406,10 @@ class TrainCall(Lowered):
     """ddm's pmapped train call (K steps per call, as experiment.train runs it) on random images.
 
     ``lowered`` is lowered for (devices, K, batch / devices) inputs; ``compile()`` compiles it;
-    ``__call__`` runs one call (after ``compile``)."""
+    ``__call__`` runs one call (after ``compile``). ``unroll`` and ``donate`` default to
+    experiment.train's choice for the backend."""
 
-    def __init__(self, config_name, dtype_name, batch, k=1, devices=None, unroll=None, **model_overrides):
+    def __init__(self, config_name, dtype_name, batch, k=1, devices=None, unroll=None, donate=None, **model_overrides):
         from ddm import train
         from ddm.timestep_sampling import get_timestep_sampler
 
@@ -423,9 +424,10 @@ class TrainCall(Lowered):
         state = jax.eval_shape(lambda: train.create_train_state(
             model, optimizer, sampler, jax.random.PRNGKey(0), image_shape, ema_rates))
         step_fn = train.make_train_step(model, diffusion, sampler, optimizer, ema_rates, DTYPES[dtype_name])
-        unroll = jax.default_backend() == "cpu" if unroll is None else unroll  # as experiment.train
-        self.unroll = unroll
-        self.multi = train.make_multi_step(step_fn, unroll=unroll, devices=devices)
+        on_cpu = jax.default_backend() == "cpu"  # as experiment.train
+        self.unroll = on_cpu if unroll is None else unroll
+        self.multi = train.make_multi_step(step_fn, unroll=self.unroll, donate=not on_cpu if donate is None else donate,
+                                           devices=devices)
         shape = (len(devices), k, batch // len(devices))
         self.state_shapes = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct((len(devices),) + s.shape, s.dtype), state)

@@ -233,9 +233,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     t = config.train
     if start:
         logging.info("resuming from step %d in %s", start, checkpointer.directory)
+    on_cpu = jax.default_backend() == "cpu"  # see make_multi_step for both settings
     multi_step = make_multi_step(make_train_step(model, diffusion, sampler, optimizer, tuple(o.ema_rates),
                                                  jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32),
-                                 unroll=jax.default_backend() == "cpu")
+                                 unroll=on_cpu, donate=not on_cpu)
     num_classes = config.data.num_classes if config.model.class_conditional else None
     grid_shape = (config.sample.grid_size // num_devices,) + tuple(image_shape)
     sample_step = make_sample_step(model, sample_diffusion, config.sample.method, config.sample.eta,

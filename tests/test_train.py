@@ -108,3 +108,23 @@ def test_optimizer_warmup_and_clipping():
 def test_learning_rate_schedule():
     assert [float(train.learning_rate_schedule(2.0, 4)(s)) for s in (0, 1, 4, 100)] == [0.0, 0.5, 2.0, 2.0]
     assert [float(train.learning_rate_schedule(2.0, 0)(s)) for s in (0, 100)] == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_multi_step_donates_the_state_only_when_asked(donate):
+    step_fn = lambda state, batch: ({"w": state["w"] + jnp.sum(batch)}, {"finite": jnp.bool_(True)})
+    devices = jax.local_devices()[:1]
+    multi = train.make_multi_step(step_fn, unroll=True, donate=donate, devices=devices)
+    state = train.replicate({"w": np.ones(3, np.float32)}, devices)
+    new, _ = multi(state, np.ones((1, 1, 2), np.float32))
+    np.testing.assert_array_equal(new["w"][0], np.full(3, 3.0))
+    assert state["w"].is_deleted() == donate
+
+
+def test_mean_over_devices_is_no_all_reduce_on_one_device():
+    mean = lambda x: train.mean_over_devices({"g": x})["g"]
+    for n in (1, 2):
+        x = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+        p = jax.pmap(mean, axis_name=train.AXIS, devices=jax.local_devices()[:n])
+        np.testing.assert_allclose(p(x), np.broadcast_to(x.mean(0), x.shape))
+        assert ("all-reduce" in p.lower(x).compile().as_text()) == (n == 2)
