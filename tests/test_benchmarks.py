@@ -75,3 +75,37 @@ def test_torch_peer_hybrid_loss_matches_ddm():
     np.testing.assert_allclose(ours.numpy(), np.asarray(ref["output"]), rtol=2e-4, atol=1e-6)
     peer()  # one full train step of the peer runs and leaves finite parameters
     assert all(torch.isfinite(p).all() for p in peer.params)
+
+
+def test_conv_floor_reads_every_convolution_of_the_unet():
+    # conv_floor.py times the convolutions it reads from the forward's jaxpr: one use per conv
+    # kernel of the parameter tree (each conv module runs once), with the same kernel shapes,
+    # and the XLA and PyTorch sides compute the same convolution.
+    import collections
+
+    import numpy as np
+    import torch
+
+    spec = importlib.util.spec_from_file_location("conv_floor", os.path.join(os.path.dirname(_PATH), "conv_floor.py"))
+    conv_floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv_floor)
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+    convs = conv_floor.unet_convs(model, (16, 16, 3), 2)
+    kernels = [p.shape for p in jax.tree_util.tree_leaves(common.random_params(model, (16, 16, 3))) if p.ndim == 4]
+    uses_by_kernel = collections.Counter()
+    for conv, uses in convs.items():
+        uses_by_kernel[conv.kernel_shape] += uses
+    assert collections.Counter(kernels) == uses_by_kernel
+    # conv_in, 2 per res block (1 + 1 down, 2 middle, 2 + 2 up), the down- and upsampling convs, conv_out
+    assert sum(convs.values()) == len(kernels) == 1 + 2 * 8 + 2 + 1
+    assert {c.strides for c in convs} == {(1, 1), (2, 2)} and all(c.x_shape[0] == 2 for c in convs)
+    for conv in convs:
+        xla, peer = conv_floor.XlaConvs({conv: 1}, False), conv_floor.TorchConvs({conv: 1}, False)
+        x, w, _ = xla.inputs[0]
+        forward, tx, tw, _ = peer.calls[0]
+        with torch.no_grad():
+            tx.copy_(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()))
+            tw.copy_(torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()))
+            y = forward().numpy().transpose(0, 2, 3, 1)
+        if conv.strides == (1, 1):  # stride 2: TF pads the end only, PyTorch both sides (diffusers' way)
+            np.testing.assert_allclose(y, np.asarray(xla.fn(xla.inputs)[0]), rtol=1e-4, atol=1e-4)
