@@ -1,5 +1,5 @@
 """CPU before / after of ddm's two CPU speed-ups, with the PyTorch peer, in one run: XLA's default
-YNNPACK fusions against ddm's ``individual_dot,reduce`` (ddm/xla_cpu.py), and flax's GroupNorm
+YNNPACK fusions against ddm's flag (ddm/xla_cpu.py: YNNPACK for reductions only), and flax's GroupNorm
 against ddm.unet.GroupNorm (moments over (H, W) first, closed-form gradient).
 
     python benchmarks/cpu_ynn_ab.py [--config cifar10_linear] [--batch 8] [--steps train,sample]
@@ -31,8 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import ddm.unet  # noqa: E402
 from ddm import xla_cpu  # noqa: E402
 
-# The compile option that XLA_FLAGS' --xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce sets.
-DDM_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+DDM_OPTIONS = xla_cpu.compiler_options()  # what ddm's XLA_FLAGS entry sets, per compile
 ARMS = (("before", {}, True), ("flag", DDM_OPTIONS, True), ("after", DDM_OPTIONS, False))
 
 
