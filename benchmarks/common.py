@@ -424,10 +424,10 @@ class TrainCall(Lowered):
         state = jax.eval_shape(lambda: train.create_train_state(
             model, optimizer, sampler, jax.random.PRNGKey(0), image_shape, ema_rates))
         step_fn = train.make_train_step(model, diffusion, sampler, optimizer, ema_rates, DTYPES[dtype_name])
-        on_cpu = jax.default_backend() == "cpu"  # as experiment.train
-        self.unroll = on_cpu if unroll is None else unroll
-        self.multi = train.make_multi_step(step_fn, unroll=self.unroll, donate=not on_cpu if donate is None else donate,
-                                           devices=devices)
+        choices = train.backend_choices(devices)  # as experiment.train
+        self.unroll = choices["unroll"] if unroll is None else unroll
+        self.multi = train.make_multi_step(step_fn, unroll=self.unroll,
+                                           donate=choices["donate"] if donate is None else donate, devices=devices)
         shape = (len(devices), k, batch // len(devices))
         self.state_shapes = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct((len(devices),) + s.shape, s.dtype), state)

@@ -21,8 +21,8 @@ from ddm.images import make_grid, save_png
 from ddm.respacing import respace, space_timesteps
 from ddm.schedules import get_betas
 from ddm.timestep_sampling import get_timestep_sampler
-from ddm.train import (create_train_state, ema_key, learning_rate_schedule, make_multi_step, make_optimizer,
-                       make_sample_step, make_train_step, replicate, unreplicate)
+from ddm.train import (backend_choices, create_train_state, ema_key, learning_rate_schedule, make_multi_step,
+                       make_optimizer, make_sample_step, make_train_step, replicate, unreplicate)
 from ddm.unet import UNet
 
 RESPACINGS = {"uniform": "{}", "ddim": "ddim{}", "quad": "quad{}"}
@@ -233,10 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     t = config.train
     if start:
         logging.info("resuming from step %d in %s", start, checkpointer.directory)
-    on_cpu = jax.default_backend() == "cpu"  # see make_multi_step for both settings
     multi_step = make_multi_step(make_train_step(model, diffusion, sampler, optimizer, tuple(o.ema_rates),
                                                  jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32),
-                                 unroll=on_cpu, donate=not on_cpu)
+                                 **backend_choices())
     num_classes = config.data.num_classes if config.model.class_conditional else None
     grid_shape = (config.sample.grid_size // num_devices,) + tuple(image_shape)
     sample_step = make_sample_step(model, sample_diffusion, config.sample.method, config.sample.eta,

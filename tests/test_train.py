@@ -110,6 +110,12 @@ def test_learning_rate_schedule():
     assert [float(train.learning_rate_schedule(2.0, 0)(s)) for s in (0, 100)] == [2.0, 2.0]
 
 
+def test_cpu_runs_unroll_and_do_not_donate():
+    assert train.backend_choices(jax.devices("cpu")[:1]) == {"unroll": True, "donate": False}
+    cpu = jax.local_devices()[0].platform == "cpu"
+    assert train.backend_choices() == {"unroll": cpu, "donate": not cpu}
+
+
 @pytest.mark.parametrize("donate", [True, False])
 def test_multi_step_donates_the_state_only_when_asked(donate):
     step_fn = lambda state, batch: ({"w": state["w"] + jnp.sum(batch)}, {"finite": jnp.bool_(True)})
