@@ -3,8 +3,9 @@ ddm before the first JAX computation of the process; later it has no effect).
 
 XLA:CPU in jaxlib 0.10 hands convolutions and dots to YNNPACK by default. On the DDPM U-Net's layers
 (batch 8, 2 cores) YNNPACK's convolutions are up to 1.8x slower forward and 2.3x slower for the
-kernel gradient than XLA's own, and its dots 1.15x to 1.35x slower than XLA's on the U-Net's shapes
-((2048, 256) x (256, 256): 1.38 against 1.19 ms; (8192, 128) x (128, 384): 4.45 against 3.32 ms),
+kernel gradient than XLA's own, and its dots 1.15x to 1.35x slower than XLA's on the shapes of the
+U-Net's projections and shortcuts ((2048, 256) x (256, 256): 1.38 against 1.19 ms; (8192, 128) x
+(128, 384): 4.45 against 3.32 ms; a 256^3 dot is 0.28 against 0.30 ms),
 while YNNPACK's reductions are fast (a reduction over (B, H, W) 6x faster than XLA's). ``reduce``
 keeps YNNPACK for reductions only: against XLA's defaults the DDPM CIFAR-10 train step runs 1.58x and
 the sampling step 1.23x faster (``benchmarks/cpu_ynn_ab.py``); against ``individual_dot,reduce``
