@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from tqdm import tqdm
 
 from ddm import data
@@ -243,6 +242,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     batches = data.prefetch_to_device(stack_steps(
         data.train_batches(source, global_batch_size=t.batch_size, seed=config.seed, start_step=start,
                            random_flip=config.data.random_flip), t.steps_per_call))
+    # clu's writers import TensorFlow, so only the training loop imports them: the builders above then
+    # load on machines without TensorFlow (the benchmarks on an accelerator image, a notebook).
+    from clu import metric_writers, periodic_actions
+
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer, every_steps=t.log_every)
     lr = learning_rate_schedule(o.learning_rate, o.warmup_steps)

@@ -106,3 +106,18 @@ def test_bad_config_fails_with_the_field_named(field, value, match):
     with pytest.raises(ValueError, match=match):
         experiment.validate(config, jax.local_device_count())
         experiment.build_sampling_diffusion(config, experiment.build_diffusion(config))
+
+
+def test_builders_import_without_tensorflow():
+    # The benchmarks on an accelerator image (no TensorFlow, clu or tensorflow-datasets there) use
+    # experiment's builders: only experiment.train may need clu's TensorFlow writers.
+    code = ("import sys\n"
+            "for name in ('tensorflow', 'tensorflow_datasets', 'clu', 'keras'): sys.modules[name] = None\n"
+            "from ddm import experiment\n"
+            "from configs import cifar10_linear\n"
+            "config = cifar10_linear.get_config()\n"
+            "model = experiment.build_model(config, 3)\n"
+            "print(type(model).__name__, experiment.build_diffusion(config).num_timesteps)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["UNet", "1000"]
