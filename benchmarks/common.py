@@ -621,3 +621,22 @@ def kernel_grad_by_taps():
         yield
     finally:
         unet._conv = saved
+
+
+@contextlib.contextmanager
+def flax_group_norm():
+    """While active, ddm.unet builds flax's ``nn.GroupNorm`` (autodiff gradient, moments over each
+    group's (H, W, C / G) block) in place of ddm's GroupNorm. Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    saved = unet.GroupNorm
+
+    def group_norm(dtype=jnp.float32, name=None):
+        return nn.GroupNorm(num_groups=unet.NUM_GROUPS, epsilon=unet.NORM_EPS, dtype=dtype,
+                            param_dtype=jnp.float32, name=name)
+
+    unet.GroupNorm = group_norm
+    try:
+        yield
+    finally:
+        unet.GroupNorm = saved

@@ -15,6 +15,7 @@ the compile option it stands for. --profile adds each ddm arm's top XLA ops (pro
 The train call is K=2 unrolled steps (experiment.train on CPU); the sampling step is DDIM-50's.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -24,31 +25,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import ddm.unet  # noqa: E402
 from ddm import xla_cpu  # noqa: E402
 
 DDM_OPTIONS = xla_cpu.compiler_options()  # what ddm's XLA_FLAGS entry sets, per compile
 ARMS = (("before", {}, True), ("flag", DDM_OPTIONS, True), ("after", DDM_OPTIONS, False))
 
 
-def flax_group_norm(dtype=jnp.float32, name=None):
-    return nn.GroupNorm(num_groups=ddm.unet.NUM_GROUPS, epsilon=ddm.unet.NORM_EPS, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
-
-
 def ddm_call(step, config, batch, options, flax_norm):
-    saved = ddm.unet.GroupNorm
-    if flax_norm:
-        ddm.unet.GroupNorm = flax_group_norm  # read when the step is traced (lowered) below
-    try:
+    with common.flax_group_norm() if flax_norm else contextlib.nullcontext():
         call = (common.TrainCall(config, "float32", batch, 2) if step == "train"
                 else common.SampleCall(config, "float32", batch, method="ddim", steps=50))
-    finally:
-        ddm.unet.GroupNorm = saved
     return call.ready(options)
 
 

@@ -5,11 +5,15 @@
 
 1. Train steps/s at batch 128 (configs/cifar10_linear.py: DDPM's step with dropout, clipping, Adam,
    EMA; experiment.train's pmapped K-step call, K=--k), float32 and bfloat16 (bf16 compute, fp32
-   parameters), with XLA's FLOPs per step and MFU against the device's table peak
-   (common.PEAK_TFLOPS; float32 against both the fp32 and the TF32 peak, since XLA's default
-   matmul precision may use TF32).
+   parameters), with model FLOPs per step (common.hand_flops: the convolutions and attention
+   matmuls, forward and backward) and MFU against the device's table peak (common.PEAK_TFLOPS;
+   float32 against both the fp32 and the TF32 peak, since XLA's default matmul precision may use
+   TF32). XLA's cost analysis is printed beside it but not used: on GPU the convolutions are cuDNN
+   custom calls that it does not count (it gave 175 (float32) and 391 (bfloat16) of the 4461
+   GFLOP per step at batch 128 on an H200).
 2. 50-step DDIM (eta 0) throughput: the whole 50-step ddim_sample as one jitted scan at
-   --sample_batch, float32 and bfloat16; --sample_calls timed calls (median), and the time for
+   --sample_batch, float32 and bfloat16, with its MFU from the hand count of the forward;
+   --sample_calls timed calls (median), and the time for
    --num_samples (50,000) samples EXTRAPOLATED linearly from them (labelled as such), unless
    --sample_all runs them all.
 3. Peak memory of each executable from memory_analysis() (arguments + outputs + temporaries -
@@ -65,19 +69,22 @@ def mfu_text(flops_per_s, dtype_name):
 def train_check(args, dtype_name, overrides, results):
     call = common.TrainCall("cifar10_linear", dtype_name, args.batch, args.k, **overrides)
     compiled = call.compile()
-    flops = call.flops_per_step()
+    xla_flops = call.flops_per_step()
+    flops = common.hand_flops(call.model, call.image_shape, args.batch)["train"]
     call.materialize()
     call()  # warm-up
     times = common.interleaved([call], args.train_calls)[0]
     steps_per_s = args.k / common.median(times)
     row = {"what": f"train step, batch {args.batch}", "dtype": dtype_name, "steps_per_s": steps_per_s,
-           "images_per_s": steps_per_s * args.batch, "xla_gflop_per_step": flops / 1e9,
+           "images_per_s": steps_per_s * args.batch, "model_gflop_per_step": flops / 1e9,
+           "xla_gflop_per_step": xla_flops / 1e9,
            "tflop_per_s": flops * steps_per_s / 1e12, "mfu": mfu_text(flops * steps_per_s, dtype_name),
            "compile_s": call.compile_s, "memory": common.peak_bytes(compiled),
            "device_peak_bytes_in_use": device_memory_peak(), "timed_calls": len(times), "k": args.k}
     results["rows"].append(row)
     print(f"[train {dtype_name}] {steps_per_s:.2f} steps/s ({row['images_per_s']:.0f} images/s), "
-          f"{flops / 1e9:.1f} GFLOP/step, {row['tflop_per_s']:.1f} TFLOP/s, MFU {row['mfu']}; "
+          f"{flops / 1e9:.1f} model GFLOP/step (XLA counts {xla_flops / 1e9:.1f}), {row['tflop_per_s']:.1f} TFLOP/s, "
+          f"MFU {row['mfu']}; "
           f"memory peak {gib(row['memory'].get('peak'))}, compile {call.compile_s:.0f} s", flush=True)
 
 
@@ -105,14 +112,17 @@ def sample_check(args, dtype_name, overrides, results):
     per_call = common.median(times)
     total = sum(times) if args.sample_all else per_call * calls
     label = "measured (all calls)" if args.sample_all else f"EXTRAPOLATED from {timed} timed call(s) x {calls} calls"
+    flops = common.hand_flops(model, image_shape, args.sample_batch)["forward"] * args.ddim_steps / per_call
     row = {"what": f"DDIM {args.ddim_steps} steps, batch {args.sample_batch}", "dtype": dtype_name,
            "s_per_call": per_call, "samples_per_s": args.sample_batch / per_call,
+           "tflop_per_s": flops / 1e12, "mfu": mfu_text(flops, dtype_name),
            "seconds_for_num_samples": total, "num_samples": args.num_samples, "how": label,
            "compile_s": compile_s, "memory": common.peak_bytes(compiled),
            "device_peak_bytes_in_use": device_memory_peak()}
     results["rows"].append(row)
     print(f"[sample {dtype_name}] {row['samples_per_s']:.0f} samples/s ({per_call:.2f} s per call of "
           f"{args.sample_batch}); {args.num_samples} samples: {total:.0f} s = {total / 60:.1f} min ({label}); "
+          f"{row['tflop_per_s']:.1f} TFLOP/s, MFU {row['mfu']}; "
           f"memory peak {gib(row['memory'].get('peak'))}, compile {compile_s:.0f} s", flush=True)
 
 

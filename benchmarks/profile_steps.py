@@ -81,17 +81,32 @@ def hlo_summaries(hlo_text: str) -> dict:
 
 
 def trace_ops(trace_dir: str):
-    """{event name: total microseconds} of the newest perfetto trace under trace_dir."""
+    """({event name: total microseconds}, where the events came from) of the newest perfetto trace
+    under trace_dir. On CPU: every complete event that is an XLA op. On a GPU or TPU only the
+    device's own timeline counts (the host's launch calls would add the same work twice): its "XLA
+    Ops" line where the trace has one (named like the HLO instructions), else all of its streams."""
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     with gzip.open(files[-1]) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
+    metadata = [e for e in events if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")]
+    devices = {e["pid"] for e in metadata
+               if e["name"] == "process_name" and re.search(r"/device:(GPU|TPU)", e["args"]["name"])}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in metadata
+               if e["name"] == "thread_name" and e["pid"] in devices}
+    xla_ops = {key for key, name in threads.items() if name == "XLA Ops"}
+    if xla_ops:
+        counted, source = lambda e: (e.get("pid"), e.get("tid")) in xla_ops, "the device's 'XLA Ops' line"
+    elif devices:
+        counted, source = lambda e: e.get("pid") in devices, "the device's lines: " + ", ".join(sorted(threads.values()))
+    else:
+        counted, source = lambda e: True, "every complete event that is an XLA op"
     totals = collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and not NOT_OPS.match(e.get("name", "")):
+        if e.get("ph") == "X" and not NOT_OPS.match(e.get("name", "")) and counted(e):
             totals[e["name"]] += float(e.get("dur", 0.0))
-    return totals
+    return totals, source
 
 
 def profile(call, label, trace_dir, calls, top):
@@ -99,15 +114,16 @@ def profile(call, label, trace_dir, calls, top):
     call.materialize()
     call()  # warm-up
     summaries = hlo_summaries(compiled.as_text())
+    summaries.update({name.replace(".", "_"): what for name, what in summaries.items()})  # GPU kernel names
     start = time.perf_counter()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             call()
     wall = (time.perf_counter() - start) / calls
-    totals = trace_ops(trace_dir)
+    totals, source = trace_ops(trace_dir)
     op_total = sum(totals.values())
     print(f"\n{label}: {wall:.2f} s per call (wall, inside the trace); XLA op time summed over threads "
-          f"{op_total / 1e6 / calls:.2f} s per call; {len(totals)} distinct ops")
+          f"{op_total / 1e6 / calls:.2f} s per call; {len(totals)} distinct ops; counted: {source}")
     if jax.default_backend() == "cpu":
         # XLA:CPU's own (Eigen) convolutions run without trace events of their own; YNNPACK's do.
         print(f"not traced as ops (wall - summed op time; on CPU mostly XLA's own convolutions): "
@@ -118,7 +134,7 @@ def profile(call, label, trace_dir, calls, top):
         print(f"{100 * us / op_total:>5.1f}% | {us / 1e3 / calls:>8.1f} | {name:<34} | {what}")
     kinds = collections.Counter()
     for name, us in totals.items():
-        kinds[op_kind(summaries.get(name, ""))] += us
+        kinds[op_kind(name, summaries.get(name, ""))] += us
     print("by kind (share, s per call): " + ", ".join(f"{k} {100 * v / op_total:.1f}% {v / 1e6 / calls:.2f} s"
                                                       for k, v in kinds.most_common()))
     with open(os.path.join(trace_dir, "ops.json"), "w") as f:
@@ -127,8 +143,14 @@ def profile(call, label, trace_dir, calls, top):
     return totals, summaries
 
 
-def op_kind(what: str) -> str:
-    """A coarse class of an op from its HLO summary."""
+def op_kind(name: str, what: str) -> str:
+    """A coarse class of an op from its name (cuDNN's and cuBLAS's GPU kernels) or its HLO summary."""
+    if re.search(r"wgrad", name):
+        return "convolution (kernel gradient)"
+    if re.search(r"fprop|dgrad", name):
+        return "convolution (forward / input gradient)"
+    if re.search(r"nvjet|gemm|cublas", name):
+        return "dot"
     if "convolution" in what:
         # kernel gradients come out as (C_in, kh, kw, C_out) (or HWIO inside a while loop), kh = kw = 3
         # or 1 here; activations are (B, H, W, C) with H, W >= 4

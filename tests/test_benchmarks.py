@@ -109,3 +109,64 @@ def test_conv_floor_reads_every_convolution_of_the_unet():
             y = forward().numpy().transpose(0, 2, 3, 1)
         if conv.strides == (1, 1):  # stride 2: TF pads the end only, PyTorch both sides (diffusers' way)
             np.testing.assert_allclose(y, np.asarray(xla.fn(xla.inputs)[0]), rtol=1e-4, atol=1e-4)
+
+
+def _load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(_PATH), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_trace(trace_dir, events):
+    import gzip
+    import json
+
+    run = os.path.join(trace_dir, "plugins", "profile", "run")
+    os.makedirs(run)
+    with gzip.open(os.path.join(run, "perfetto_trace.json.gz"), "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_profile_counts_only_the_device_timeline_on_a_gpu(tmp_path):
+    # A GPU trace has the host's launch calls and the device's kernels: only the device's count, and
+    # its "XLA Ops" line alone where it has one (its kernels would count the same work twice).
+    profile_steps = _load_benchmark("profile_steps")
+    meta = lambda kind, pid, name, tid=0: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+    op = lambda name, pid, tid, dur: {"ph": "X", "name": name, "pid": pid, "tid": tid, "dur": dur}
+    events = [meta("process_name", 1, "/host:CPU"), meta("process_name", 2, "/device:GPU:0 pid 2"),
+              meta("thread_name", 2, "Stream #14(Compute)", 7), op("cuLaunchKernel", 1, 3, 50.0),
+              op("loop_add_fusion_2", 1, 3, 40.0), op("loop_add_fusion_2", 2, 7, 5.0),
+              op("sm90_xmma_wgrad_kernel", 2, 7, 20.0)]
+    _write_trace(str(tmp_path / "streams"), events)
+    totals, source = profile_steps.trace_ops(str(tmp_path / "streams"))
+    assert totals == {"loop_add_fusion_2": 5.0, "sm90_xmma_wgrad_kernel": 20.0} and "Stream #14" in source
+    events += [meta("thread_name", 2, "XLA Ops", 8), op("fusion.2", 2, 8, 6.0), op("convolution.1", 2, 8, 21.0)]
+    _write_trace(str(tmp_path / "xla_ops"), events)
+    totals, source = profile_steps.trace_ops(str(tmp_path / "xla_ops"))
+    assert totals == {"fusion.2": 6.0, "convolution.1": 21.0} and source == "the device's 'XLA Ops' line"
+    # a CPU trace (no device process) keeps every op event, as before
+    _write_trace(str(tmp_path / "cpu"), [meta("process_name", 1, "/host:CPU"), op("ynn_fusion.3", 1, 3, 9.0),
+                                         op("TfrtCpuExecutable::Execute", 1, 3, 99.0)])
+    assert profile_steps.trace_ops(str(tmp_path / "cpu"))[0] == {"ynn_fusion.3": 9.0}
+    assert profile_steps.op_kind("sm90_xmma_wgrad_implicit_gemm_bf16_kernel", "") == "convolution (kernel gradient)"
+    assert profile_steps.op_kind("sm90_xmma_dgrad_implicit_gemm", "") == "convolution (forward / input gradient)"
+    assert profile_steps.op_kind("nvjet_sm90_tst_128x128", "") == "dot"
+    assert profile_steps.op_kind("input_reduce_fusion_3", "reduce broadcast; -> f32[8,256]") == \
+        "reduce (norms, softmax sums)"
+
+
+def test_flax_group_norm_arm_swaps_the_norm_only_inside_the_block():
+    import flax.linen as nn
+    import ddm.unet as unet
+
+    model = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    params = common.random_params(model, (8, 8, 3))  # random, so conv_out's zero init does not hide the norms
+    x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3)), jnp.array([3, 500])
+    with common.flax_group_norm():
+        flax_out = model.apply({"params": params}, x, t, train=False)  # same parameter names
+        assert isinstance(unet.GroupNorm(), nn.GroupNorm)
+    assert not isinstance(unet.GroupNorm(), nn.GroupNorm)
+    ddm_out = model.apply({"params": params}, x, t, train=False)
+    assert float(jnp.abs(ddm_out).mean()) > 1e-2
+    assert jnp.allclose(flax_out, ddm_out, rtol=1e-4, atol=1e-6)
