@@ -59,6 +59,20 @@ def table_peak(device_kind: str, dtype_name: str):
     return None, f"no table entry for {device_kind!r}"
 
 
+def mfu_text(flops_per_s: float, dtype_name: str) -> str:
+    """MFU of ``flops_per_s`` against the default device's table peak (float32 against both the
+    fp32 and the TF32 peak), as text; on CPU it points to flops.py's measured peak instead."""
+    kind = jax.devices()[0].device_kind
+    if jax.default_backend() == "cpu":
+        return "n/a (CPU: see benchmarks/flops.py for a measured CPU peak)"
+    parts = []
+    for key in ((dtype_name, "tf32") if dtype_name == "float32" else (dtype_name,)):
+        peak, source = table_peak(kind, key)
+        if peak:
+            parts.append(f"{100 * flops_per_s / peak:.1f}% of {source}")
+    return "; ".join(parts) or f"n/a (no table entry for {kind!r})"
+
+
 def measured_matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), repeats=5):
     """Best FLOP/s of jitted square matmuls on the default device (the CPU 'peak' used for MFU)."""
     best = 0.0

@@ -54,18 +54,6 @@ def gib(n):
     return f"{n / 2 ** 30:.2f} GiB" if n else "n/a"
 
 
-def mfu_text(flops_per_s, dtype_name):
-    kind = jax.devices()[0].device_kind
-    if jax.default_backend() == "cpu":
-        return "n/a (CPU: see benchmarks/flops.py for a measured CPU peak)"
-    parts = []
-    for key in ((dtype_name, "tf32") if dtype_name == "float32" else (dtype_name,)):
-        peak, source = common.table_peak(kind, key)
-        if peak:
-            parts.append(f"{100 * flops_per_s / peak:.1f}% of {source}")
-    return "; ".join(parts) or f"n/a (no table entry for {kind!r})"
-
-
 def train_check(args, dtype_name, overrides, results):
     call = common.TrainCall("cifar10_linear", dtype_name, args.batch, args.k, **overrides)
     compiled = call.compile()
@@ -78,7 +66,7 @@ def train_check(args, dtype_name, overrides, results):
     row = {"what": f"train step, batch {args.batch}", "dtype": dtype_name, "steps_per_s": steps_per_s,
            "images_per_s": steps_per_s * args.batch, "model_gflop_per_step": flops / 1e9,
            "xla_gflop_per_step": xla_flops / 1e9,
-           "tflop_per_s": flops * steps_per_s / 1e12, "mfu": mfu_text(flops * steps_per_s, dtype_name),
+           "tflop_per_s": flops * steps_per_s / 1e12, "mfu": common.mfu_text(flops * steps_per_s, dtype_name),
            "compile_s": call.compile_s, "memory": common.peak_bytes(compiled),
            "device_peak_bytes_in_use": device_memory_peak(), "timed_calls": len(times), "k": args.k}
     results["rows"].append(row)
@@ -115,7 +103,7 @@ def sample_check(args, dtype_name, overrides, results):
     flops = common.hand_flops(model, image_shape, args.sample_batch)["forward"] * args.ddim_steps / per_call
     row = {"what": f"DDIM {args.ddim_steps} steps, batch {args.sample_batch}", "dtype": dtype_name,
            "s_per_call": per_call, "samples_per_s": args.sample_batch / per_call,
-           "tflop_per_s": flops / 1e12, "mfu": mfu_text(flops, dtype_name),
+           "tflop_per_s": flops / 1e12, "mfu": common.mfu_text(flops, dtype_name),
            "seconds_for_num_samples": total, "num_samples": args.num_samples, "how": label,
            "compile_s": compile_s, "memory": common.peak_bytes(compiled),
            "device_peak_bytes_in_use": device_memory_peak()}

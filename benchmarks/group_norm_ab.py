@@ -19,8 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-from gpu_check import mfu_text  # noqa: E402
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,9 +33,9 @@ def main():
     args = parser.parse_args()
     overrides = {"ch": args.ch} if args.ch else {}
     print(common.machine_line(), flush=True)
+    arms = args.arms.split(",")
     for batch in map(int, args.batches.split(",")):
         runners = []
-        arms = args.arms.split(",")
         for arm in arms:
             with common.flax_group_norm() if arm == "flax" else contextlib.nullcontext():
                 call = common.TrainCall(args.config, args.dtype, batch, args.k, **overrides)
@@ -53,7 +51,7 @@ def main():
         for arm, call, rate in zip(arms, runners, rates):
             peak = common.peak_bytes(call.compiled).get("peak")
             print(f"{args.config} {args.dtype} batch {batch:>4} | {arm:<4} | {rate:7.2f} steps/s | "
-                  f"{flops * rate / 1e12:6.1f} TFLOP/s | MFU {mfu_text(flops * rate, args.dtype)} | "
+                  f"{flops * rate / 1e12:6.1f} TFLOP/s | MFU {common.mfu_text(flops * rate, args.dtype)} | "
                   f"peak {peak / 2 ** 30 if peak else float('nan'):.2f} GiB", flush=True)
         if arms == ["ddm", "flax"]:
             print(f"batch {batch}: ddm / flax = {rates[0] / rates[1]:.3f}x", flush=True)

@@ -99,7 +99,8 @@ def trace_ops(trace_dir: str):
     if xla_ops:
         counted, source = lambda e: (e.get("pid"), e.get("tid")) in xla_ops, "the device's 'XLA Ops' line"
     elif devices:
-        counted, source = lambda e: e.get("pid") in devices, "the device's lines: " + ", ".join(sorted(threads.values()))
+        counted = lambda e: e.get("pid") in devices
+        source = "the device's lines: " + ", ".join(sorted(threads.values()))
     else:
         counted, source = lambda e: True, "every complete event that is an XLA op"
     totals = collections.Counter()

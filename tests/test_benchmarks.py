@@ -170,3 +170,15 @@ def test_flax_group_norm_arm_swaps_the_norm_only_inside_the_block():
     ddm_out = model.apply({"params": params}, x, t, train=False)
     assert float(jnp.abs(ddm_out).mean()) > 1e-2
     assert jnp.allclose(flax_out, ddm_out, rtol=1e-4, atol=1e-6)
+
+
+def test_mfu_text_against_the_table_peak(monkeypatch):
+    class Device:
+        device_kind = "NVIDIA H200"
+
+    monkeypatch.setattr(common.jax, "devices", lambda: [Device()])
+    monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
+    # 204 TFLOP/s in bf16 is 20.6% of the H200's 989; float32 is quoted against fp32 and TF32 peaks
+    assert common.mfu_text(204e12, "bfloat16").startswith("20.6% of table: H200 bfloat16")
+    text = common.mfu_text(125e12, "float32")
+    assert "186.6% of table: H200 float32" in text and "25.3% of table: H200 tf32" in text
