@@ -130,7 +130,8 @@ def _taps(n_in: int, k: int, stride: int) -> int:
 def unet_forward_macs(model, image_shape, batch: int = 1, count_padding: bool = False) -> dict:
     """Multiply-accumulates of one U-Net forward, by kind, walking the module's structure.
 
-    Counts the convolutions, the dense layers (timestep MLP, res blocks' temb projections and
+    Counts the convolutions (the upsampling ones as ``ddm.unet.upsample_conv`` computes them: four
+    2x2 convs over the input, 16 taps per input pixel where the upsampled 3x3 conv has 36), the dense layers (timestep MLP, res blocks' temb projections and
     1x1 shortcuts, attention q/k/v/out) and the two attention matmuls; elementwise work (norms,
     activations, softmax, additions) is left out. Returns {'conv', 'dense', 'attention',
     'conv_in'} in MACs for ``batch`` images (2 * MACs = FLOPs).
@@ -148,6 +149,13 @@ def unet_forward_macs(model, image_shape, batch: int = 1, count_padding: bool = 
             taps = _taps(h, k, stride) * _taps(w, k, stride)
         macs[kind] += batch * taps * cin * cout
         return -(-h // stride), -(-w // stride)
+
+    def upsample_conv(h, w, cin, cout):
+        # ddm.unet.upsample_conv: four 2x2 convs over the (h, w) input, one per output phase; along
+        # an axis of n pixels the two phases' 2-tap windows each have one tap in the padding.
+        taps = 16 * h * w if count_padding else (4 * h - 2) * (4 * w - 2)
+        macs["conv"] += batch * taps * cin * cout
+        return 2 * h, 2 * w
 
     def dense(n, cin, cout):
         macs["dense"] += batch * n * cin * cout
@@ -205,10 +213,10 @@ def unet_forward_macs(model, image_shape, batch: int = 1, count_padding: bool = 
         if level != 0:
             if model.resblock_updown:
                 h, w = res_block(h, w, c, c, "up")
+            elif model.resamp_with_conv:
+                h, w = upsample_conv(h, w, c, c)
             else:
                 h, w = h * 2, w * 2
-                if model.resamp_with_conv:
-                    conv(h, w, c, c)
     conv(h, w, c, out_channels)
     return macs
 
@@ -221,7 +229,9 @@ def hand_flops(model, image_shape, batch: int = 1, count_padding: bool = False, 
     weights (another forward's MACs); the attention matmuls likewise cost 2x forward in backward.
     So train = 3 * forward - conv_in. With ``wgrad_padding`` the kernel gradients count the taps in
     the padding, as the per-tap matmuls of ``kernel_grad_by_taps`` below do (XLA's convolutions,
-    which ddm.unet uses, skip them). Optimizer, EMA, norms and activations are not counted.
+    which ddm.unet uses, skip them; the upsampling convs, which keep XLA's kernel gradient under
+    ``kernel_grad_by_taps``, are counted with their padding taps then too). Optimizer, EMA, norms and
+    activations are not counted.
     """
     macs = unet_forward_macs(model, image_shape, batch, count_padding)
     wgrad = unet_forward_macs(model, image_shape, batch, count_padding or wgrad_padding)
@@ -550,7 +560,7 @@ def peak_bytes(compiled) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- #
-# A candidate U-Net change measured by wgrad_ab.py, profile_steps.py and cpu_scan_unroll.py, kept
+# A candidate U-Net change measured by variant_ab.py (arm wgrad_taps), profile_steps.py and cpu_scan_unroll.py, kept
 # here (not in ddm/unet.py) because it did not pay on balance: kernel gradients as matmuls.
 # --------------------------------------------------------------------------------------------- #
 
@@ -560,7 +570,7 @@ def _weight_grad_by_taps(x, g, kernel_shape, strides, pads):
 
     Same numbers as the convolution's own transpose (up to summation order). Measured on XLA:CPU:
     forward + both gradients of one 32x32x128 -> 128 layer (batch 8) 879 -> 652 ms; but see
-    wgrad_ab.py / cpu_scan_unroll.py for the whole train step and the compile time.
+    variant_ab.py / cpu_scan_unroll.py for the whole train step and the compile time.
     """
     kh, kw, c_in, c_out = kernel_shape
     sh, sw = strides
@@ -617,40 +627,55 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
     return f(lhs, rhs)
 
 
-@contextlib.contextmanager
 def kernel_grad_by_taps():
     """While active, ddm.unet builds its convolutions with `_conv_general_dilated` (kernel gradients
     as per-tap matmuls on CPU). Trace (lower) the step inside the block; the forward is unchanged."""
     import ddm.unet as unet
-
-    saved = unet._conv
 
     def conv(features, dtype, *, kernel=3, stride=1, zero=False, name=None):
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                        kernel_init=unet._kernel_init(zero), bias_init=nn.initializers.zeros, dtype=dtype,
                        param_dtype=jnp.float32, name=name, conv_general_dilated=_conv_general_dilated)
 
-    unet._conv = conv
-    try:
-        yield
-    finally:
-        unet._conv = saved
+    return _swapped(unet, "_conv", conv)
 
 
-@contextlib.contextmanager
 def flax_group_norm():
     """While active, ddm.unet builds flax's ``nn.GroupNorm`` (autodiff gradient, moments over each
     group's (H, W, C / G) block) in place of ddm's GroupNorm. Trace (lower) the step inside the block."""
     import ddm.unet as unet
 
-    saved = unet.GroupNorm
-
     def group_norm(dtype=jnp.float32, name=None):
         return nn.GroupNorm(num_groups=unet.NUM_GROUPS, epsilon=unet.NORM_EPS, dtype=dtype,
                             param_dtype=jnp.float32, name=name)
 
-    unet.GroupNorm = group_norm
+    return _swapped(unet, "GroupNorm", group_norm)
+
+
+def nearest_upsample_conv():
+    """While active, ddm.unet's upsampling convs run as DDPM and diffusers write them: a 3x3 conv
+    over the nearest-neighbour upsampled image (2H x 2W), in place of ``upsample_conv``'s four 2x2
+    sub-pixel convs over the input. Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    def upsample_then_conv(x, kernel, dtype):
+        return lax.conv_general_dilated(unet._upsample_nearest(x).astype(dtype), kernel.astype(dtype), (1, 1),
+                                        "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    return _swapped(unet, "upsample_conv", upsample_then_conv)
+
+
+# The variants a benchmark arm can name (variant_ab.py), each a context manager to trace inside.
+VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
+            "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps}
+
+
+@contextlib.contextmanager
+def _swapped(module, name, value):
+    """``module.name`` set to ``value`` inside the block, restored after it."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        unet.GroupNorm = saved
+        setattr(module, name, saved)

@@ -103,7 +103,10 @@ class XlaConvs:
 
 
 class TorchConvs:
-    """The same convolutions as PyTorch's F.conv2d (NCHW, padding 1), one after another."""
+    """The same convolutions as PyTorch's F.conv2d (NCHW), one after another: padded as in XLA where
+    the padding is the same on both sides of an axis or the stride is 1 (the sub-pixel convs of the
+    upsampling pad one side, so PyTorch pads them first with F.pad); stride 2 pads 1 on both sides,
+    diffusers' way."""
 
     def __init__(self, convs, train):
         import torch
@@ -112,11 +115,16 @@ class TorchConvs:
         for conv, uses in convs.items():
             b, h, w, c = conv.x_shape
             k, _, _, o = conv.kernel_shape
+            (top, bottom), (left, right) = conv.padding
+            one_sided = conv.strides == (1, 1) and (top, left) != (bottom, right)
             for _ in range(uses):
                 x = torch.randn(b, c, h, w, requires_grad=train)
                 weight = (torch.randn(o, c, k, k) * 0.05).requires_grad_(train)
-                forward = functools.partial(torch.nn.functional.conv2d, x, weight, stride=conv.strides[0],
-                                            padding=k // 2)
+                if one_sided:
+                    forward = functools.partial(_padded_conv2d, x, weight, (left, right, top, bottom))
+                else:
+                    forward = functools.partial(torch.nn.functional.conv2d, x, weight, stride=conv.strides[0],
+                                                padding=k // 2)
                 self.calls.append((forward, x, weight, torch.randn_like(forward()) if train else None))
         self()
 
@@ -129,6 +137,12 @@ class TorchConvs:
         for forward, x, weight, dy in self.calls:
             x.grad = weight.grad = None
             forward().backward(dy)
+
+
+def _padded_conv2d(x, weight, pads):
+    import torch
+
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, pads), weight)
 
 
 def main():

@@ -4,7 +4,7 @@ per XLA op / fusion, each annotated with what it computes (from the optimised HL
     python benchmarks/profile_steps.py [--config cifar10_linear] [--batch 8] [--calls 2]
                                        [--steps train,sample] [--top 15] [--dtype float32]
                                        [--trace_dir /tmp/ddm_profile] [--ch N]
-                                       [--variants current,taps,scan] [--k K]
+                                       [--variants ddm,nearest_upsample,scan] [--k K]
 
 Each step is compiled (as in benchmarks/flops.py: the pmapped train step with K=1, and one
 sampling step of the config's sampler), warmed up, then called --calls times inside
@@ -14,12 +14,13 @@ by their share of the summed op time. On CPU, ops of one call may run concurrent
 pool, so shares are of summed op time, not of wall time. Each op's line says which HLO ops are in
 it (convolution, dot, reduce, ...) and the shape of its result. The trace directory can be opened
 in Perfetto (ui.perfetto.dev) or TensorBoard's profile plugin; ops.json next to it has every op's
-time and description. --variants taps profiles the U-Net with common.kernel_grad_by_taps (kernel
-gradients as per-tap matmuls on CPU), for a before/after in one run. --k K profiles the train call
-of K steps (experiment.train's steps_per_call; unrolled on CPU); --variants scan profiles it with
-the K steps in a lax.scan, the form CPU runs had before make_multi_step unrolled them (K >= 2):
+time and description. --variants names ddm as it is ('ddm') and any of common.VARIANTS (e.g.
+'nearest_upsample', 'wgrad_taps'; see variant_ab.py), for a before/after in one run. --k K profiles
+the train call of K steps (experiment.train's steps_per_call; unrolled on CPU); --variants scan
+profiles it with the K steps in a lax.scan, the form CPU runs had before make_multi_step unrolled
+them (K >= 2):
 
-    python benchmarks/profile_steps.py --config digits --batch 64 --steps train --k 2 --variants scan,current
+    python benchmarks/profile_steps.py --config digits --batch 64 --steps train --k 2 --variants scan,ddm
 """
 import argparse
 import collections
@@ -175,20 +176,21 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--trace_dir", default="/tmp/ddm_profile")
     parser.add_argument("--ch", type=int, default=0, help="override model.ch (quick tries)")
-    parser.add_argument("--variants", default="current",
-                        help="comma-separated: 'current' (ddm as it is), 'taps' (common.kernel_grad_by_taps), "
-                             "'scan' (the K train steps in a lax.scan even on CPU)")
+    parser.add_argument("--variants", default="ddm",
+                        help=f"comma-separated, from {', '.join(common.VARIANTS)} and 'scan' (the K train steps "
+                             "in a lax.scan even on CPU)")
     parser.add_argument("--k", type=int, default=1, help="train steps per call")
     args = parser.parse_args()
-    if "scan" in args.variants.split(",") and args.k < 2:
+    variants = args.variants.split(",")
+    if "scan" in variants and args.k < 2:
         parser.error("--variants scan needs --k 2 or more (a K=1 call has no scan)")
+    if set(variants) - set(common.VARIANTS) - {"scan"}:
+        parser.error(f"--variants: {args.variants!r} may name only {', '.join(common.VARIANTS)} and scan")
     overrides = {"ch": args.ch} if args.ch else {}
     print(common.machine_line())
-    import contextlib
-
     for step in args.steps.split(","):
-        for variant in args.variants.split(","):
-            with common.kernel_grad_by_taps() if variant == "taps" else contextlib.nullcontext():
+        for variant in variants:
+            with common.VARIANTS.get(variant, common.VARIANTS["ddm"])():
                 if step == "train":
                     call = common.TrainCall(args.config, args.dtype, args.batch, args.k,
                                             devices=jax.local_devices()[:1],

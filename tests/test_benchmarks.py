@@ -34,11 +34,14 @@ def test_hand_flops_match_xla_cost_analysis():
 
 def test_hand_flops_ddpm_cifar10():
     # DDPM's CIFAR-10 U-Net: ~6.2 GMACs per 32x32 image counting the padding taps (the figure
-    # usually quoted), fewer without them; the forward scales linearly with the batch.
+    # usually quoted, with the upsampling convs as 3x3 convs over the upsampled image: 36 taps per
+    # input pixel where ddm's sub-pixel convs have 16, at 4x4, 8x8 and 16x16 with 256 channels),
+    # fewer without them; the forward scales linearly with the batch.
     model = UNet(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
     padded = common.hand_flops(model, (32, 32, 3), 1, count_padding=True)
     exact = common.hand_flops(model, (32, 32, 3), 1)
-    assert 12.3e9 < padded["forward"] < 12.6e9
+    upsampled_taps_saved = (36 - 16) * (4 ** 2 + 8 ** 2 + 16 ** 2) * 256 ** 2
+    assert 12.3e9 < padded["forward"] + 2 * upsampled_taps_saved < 12.6e9
     assert exact["forward"] < padded["forward"]
     assert common.hand_flops(model, (32, 32, 3), 4)["forward"] == 4 * exact["forward"]
     # train = 3 x forward - conv_in's forward, when no kernel gradient counts the padding
@@ -79,8 +82,9 @@ def test_torch_peer_hybrid_loss_matches_ddm():
 
 def test_conv_floor_reads_every_convolution_of_the_unet():
     # conv_floor.py times the convolutions it reads from the forward's jaxpr: one use per conv
-    # kernel of the parameter tree (each conv module runs once), with the same kernel shapes,
-    # and the XLA and PyTorch sides compute the same convolution.
+    # kernel of the parameter tree (each conv module runs once), with the same kernel shapes, but
+    # four 2x2 sub-pixel convs per upsampling kernel; the XLA and PyTorch sides compute the same
+    # convolution.
     import collections
 
     import numpy as np
@@ -91,13 +95,20 @@ def test_conv_floor_reads_every_convolution_of_the_unet():
     spec.loader.exec_module(conv_floor)
     model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
     convs = conv_floor.unet_convs(model, (16, 16, 3), 2)
-    kernels = [p.shape for p in jax.tree_util.tree_leaves(common.random_params(model, (16, 16, 3))) if p.ndim == 4]
+    leaves = jax.tree_util.tree_flatten_with_path(common.random_params(model, (16, 16, 3)))[0]
+    kernels = collections.Counter()
+    for path, p in leaves:
+        if p.ndim == 4 and "upsample" in jax.tree_util.keystr(path):
+            kernels[(2, 2) + p.shape[2:]] += 4
+        elif p.ndim == 4:
+            kernels[p.shape] += 1
     uses_by_kernel = collections.Counter()
     for conv, uses in convs.items():
         uses_by_kernel[conv.kernel_shape] += uses
-    assert collections.Counter(kernels) == uses_by_kernel
-    # conv_in, 2 per res block (1 + 1 down, 2 middle, 2 + 2 up), the down- and upsampling convs, conv_out
-    assert sum(convs.values()) == len(kernels) == 1 + 2 * 8 + 2 + 1
+    assert kernels == uses_by_kernel
+    # conv_in, 2 per res block (1 + 1 down, 2 middle, 2 + 2 up), the downsampling conv, 4 for the
+    # upsampling one, conv_out
+    assert sum(convs.values()) == 1 + 2 * 8 + 1 + 4 + 1
     assert {c.strides for c in convs} == {(1, 1), (2, 2)} and all(c.x_shape[0] == 2 for c in convs)
     for conv in convs:
         xla, peer = conv_floor.XlaConvs({conv: 1}, False), conv_floor.TorchConvs({conv: 1}, False)
@@ -170,6 +181,24 @@ def test_flax_group_norm_arm_swaps_the_norm_only_inside_the_block():
     ddm_out = model.apply({"params": params}, x, t, train=False)
     assert float(jnp.abs(ddm_out).mean()) > 1e-2
     assert jnp.allclose(flax_out, ddm_out, rtol=1e-4, atol=1e-6)
+
+
+def test_nearest_upsample_arm_swaps_the_upsampling_only_inside_the_block():
+    import ddm.unet as unet
+
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    params = common.random_params(model, (8, 8, 3))
+    x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3)), jnp.array([3, 500])
+    forward = lambda: jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
+    conv_kernels = lambda jaxpr: sorted(e.invars[1].aval.shape[:2] for e in jaxpr.eqns
+                                        if e.primitive.name == "conv_general_dilated")
+    with common.VARIANTS["nearest_upsample"]():
+        nearest_out = model.apply({"params": params}, x, t, train=False)
+        assert conv_kernels(forward()).count((2, 2)) == 0
+    assert unet.upsample_conv.__module__ == "ddm.unet" and conv_kernels(forward()).count((2, 2)) == 4
+    ddm_out = model.apply({"params": params}, x, t, train=False)
+    assert float(jnp.abs(ddm_out).mean()) > 1e-2
+    assert jnp.allclose(nearest_out, ddm_out, rtol=1e-4, atol=1e-5)
 
 
 def test_mfu_text_against_the_table_peak(monkeypatch):

@@ -184,3 +184,45 @@ def test_bad_config_raises(options, size, use_y, match):
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(lambda x, t, y: model.init(jax.random.key(0), x, t, y, train=False),
                        x, t, y)
+
+
+def _nearest_then_conv(x, params, dtype=jnp.float32):
+    """The reference: flax's 3x3 'SAME' nn.Conv on the nearest-neighbour upsampled image."""
+    import flax.linen as nn
+
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(params["kernel"].shape[-1], (3, 3), padding="SAME", dtype=dtype).apply({"params": params}, up)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 8])
+def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv(size):
+    from ddm.unet import UpsampleConv
+
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6))
+    module = UpsampleConv(5)
+    params = module.init(jax.random.key(1), x)["params"]
+    params = {"kernel": params["kernel"], "bias": jax.random.normal(jax.random.key(2), (5,))}
+    y = module.apply({"params": params}, x)
+    assert y.shape == (2, 2 * size, 2 * size + 2, 5)
+    np.testing.assert_allclose(y, _nearest_then_conv(x, params), rtol=1e-5, atol=1e-5)
+    # Both gradients too (the sub-pixel taps are linear in the kernel).
+    cotangent = jax.random.normal(jax.random.key(3), y.shape)
+    loss = lambda f: lambda p, x: jnp.sum(f(p, x) * cotangent)
+    ours = jax.grad(loss(lambda p, x: module.apply({"params": p}, x)), argnums=(0, 1))(params, x)
+    ref = jax.grad(loss(lambda p, x: _nearest_then_conv(x, p)), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_conv_bfloat16_and_init_match_flax_conv():
+    import flax.linen as nn
+    from ddm.unet import UpsampleConv, _kernel_init
+
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    ours = UpsampleConv(8, dtype=jnp.bfloat16).init(jax.random.key(1), x)["params"]
+    # The same parameters as the nn.Conv that ddm's Upsample used to apply to the upsampled image.
+    flax_conv = nn.Conv(8, (3, 3), kernel_init=_kernel_init(False)).init(jax.random.key(1), jnp.zeros((2, 8, 8, 8)))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, flax_conv["params"])
+    y = UpsampleConv(8, dtype=jnp.bfloat16).apply({"params": ours}, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(y.astype(jnp.float32), _nearest_then_conv(x, ours), rtol=0.05, atol=0.05)

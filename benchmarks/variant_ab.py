@@ -1,0 +1,100 @@
+"""ddm's implementation choices against the alternatives it replaced, in whole train and sampling
+steps, on whatever device JAX has, in one run; with MFU from the hand count and each compiled call's
+peak memory, per batch size, and optionally the PyTorch peer.
+
+    python benchmarks/variant_ab.py [--config cifar10_linear] [--dtype bfloat16] [--steps train,sample]
+                                    [--batches 128] [--k 4] [--calls 8] [--arms ddm,flax_group_norm]
+                                    [--peer] [--ch 0] [--hlo_out DIR]
+
+Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (median per call):
+  ddm               ddm as it is
+  flax_group_norm   flax's nn.GroupNorm (moments over each (H, W, C / G) block, autodiff gradient)
+                    in place of ddm.unet.GroupNorm (moments over (H, W) first, closed-form gradient)
+  nearest_upsample  the upsampling convs as 3x3 convs over the upsampled image, in place of
+                    ddm.unet.upsample_conv's four 2x2 sub-pixel convs over the input
+  wgrad_taps        kernel gradients as per-tap matmuls on CPU (measured and not adopted)
+--arms ddm alone gives MFU and memory against batch size. --peer adds diffusers' UNet2DModel in
+PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. The train call runs
+K steps per call (unrolled and not donated on CPU, as experiment.train); the sampling step is one
+DDIM-50 step. MFU counts the FLOPs ddm's arm computes (common.hand_flops), so an arm that computes
+more (nearest_upsample) shows its rate in ddm's FLOPs. --hlo_out writes each arm's optimised HLO.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+
+def ddm_call(step, arm, args, batch):
+    overrides = {"ch": args.ch} if args.ch else {}
+    with common.VARIANTS[arm]():
+        if step == "train":
+            return common.TrainCall(args.config, args.dtype, batch, args.k, **overrides)
+        return common.SampleCall(args.config, args.dtype, batch, method="ddim", steps=50, **overrides)
+
+
+def peer_call(step, args, batch, ours):
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as TorchTrainCall chooses
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    if step == "train":
+        overrides = {"ch": args.ch} if args.ch else {}
+        return common.TorchTrainCall(args.config, args.dtype, batch, args.k, **overrides)
+    from sampling_step import TorchRunner
+
+    return TorchRunner(ours.model, ours.diffusion, ours.image_shape, batch, args.dtype, device=device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="cifar10_linear")
+    parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="bfloat16")
+    parser.add_argument("--steps", default="train", help="train, sample or train,sample")
+    parser.add_argument("--batches", default="128")
+    parser.add_argument("--k", type=int, default=4, help="train steps per call")
+    parser.add_argument("--calls", type=int, default=8)
+    parser.add_argument("--ch", type=int, default=0, help="override model.ch (quick tries)")
+    parser.add_argument("--arms", default="ddm,flax_group_norm", help=f"from {', '.join(common.VARIANTS)}")
+    parser.add_argument("--peer", action="store_true", help="add diffusers in PyTorch")
+    parser.add_argument("--hlo_out", default="")
+    args = parser.parse_args()
+    arms = args.arms.split(",")
+    unknown = [arm for arm in arms if arm not in common.VARIANTS]
+    if unknown or not arms or arms[0] != "ddm":
+        parser.error(f"--arms: {args.arms!r} must start with ddm and name only {', '.join(common.VARIANTS)}")
+    print(common.machine_line(), flush=True)
+    for step in args.steps.split(","):
+        per_call = args.k if step == "train" else 1  # steps per timed call
+        for batch in map(int, args.batches.split(",")):
+            runners = []
+            for arm in arms:
+                call = ddm_call(step, arm, args, batch)
+                runners.append(call.ready())
+                if args.hlo_out:
+                    os.makedirs(args.hlo_out, exist_ok=True)
+                    with open(os.path.join(args.hlo_out, f"{step}_{arm}_{args.dtype}_b{batch}.hlo.txt"), "w") as f:
+                        f.write(call.compiled.as_text())
+                print(f"  compiled {step} {arm} at batch {batch} in {call.compile_s:.0f} s", flush=True)
+            names = list(arms)
+            if args.peer:
+                runners.append(peer_call(step, args, batch, runners[0]))
+                names.append("diffusers")
+            times = common.interleaved(runners, args.calls)
+            rates = [per_call / common.median(t) for t in times]
+            flops = common.hand_flops(runners[0].model, runners[0].image_shape, batch)["train" if step == "train" else "forward"]
+            for i, (name, rate) in enumerate(zip(names, rates)):
+                peak = common.peak_bytes(runners[i].compiled).get("peak") if i < len(arms) else None
+                print(f"{args.config} {step} {args.dtype} batch {batch:>4} | {name:<16} | {rate:8.3f} steps/s | "
+                      f"{flops * rate / 1e12:7.3f} TFLOP/s | MFU {common.mfu_text(flops * rate, args.dtype)} | "
+                      f"peak {peak / 2 ** 30 if peak else float('nan'):.2f} GiB", flush=True)
+            print(f"{step} batch {batch}: " + ", ".join(f"ddm / {name} = {rates[0] / rate:.3f}x"
+                                                         for name, rate in zip(names[1:], rates[1:])), flush=True)
+
+
+if __name__ == "__main__":
+    main()
