@@ -161,11 +161,12 @@ def unet_forward_macs(model, image_shape, batch: int = 1, count_padding: bool = 
         macs["dense"] += batch * n * cin * cout
 
     def res_block(h, w, cin, cout, resample=None):
-        if resample == "down":
-            h, w = h // 2, w // 2
-        elif resample == "up":
-            h, w = h * 2, w * 2
-        conv(h, w, cin, cout)
+        if resample == "up":
+            h, w = upsample_conv(h, w, cin, cout)
+        else:
+            if resample == "down":
+                h, w = h // 2, w // 2
+            conv(h, w, cin, cout)
         dense(1, emb_ch, 2 * cout if model.scale_shift_norm else cout)
         conv(h, w, cout, cout)
         if cin != cout:

@@ -234,7 +234,8 @@ class ResBlock(nn.Module):
         norm2's output becomes norm2(h) * (1 + scale) + shift, instead of adding the embedding
         before norm2 (DDPM).
       resample: None, "down" or "up": ADM's BigGAN-style block that resamples (2x2 average pool
-        or nearest) both the skip and the main branch, the latter between norm1/swish and conv1.
+        or nearest) both the skip and the main branch, the latter between norm1/swish and conv1
+        (upsampling and conv1 together as ``UpsampleConv``).
       dtype: compute dtype.
 
     Shapes: x (B, H, W, C), emb (B, E) -> (B, H', W', out_ch), with H' = H, H/2 or 2H.
@@ -249,10 +250,12 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb, *, train: bool):
         h = nn.swish(GroupNorm(dtype=self.dtype, name="norm1")(x))
-        if self.resample is not None:
-            resample = {"down": _avg_pool2, "up": _upsample_nearest}[self.resample]
-            h, x = resample(h), resample(x)
-        h = _conv(self.out_ch, self.dtype, name="conv1")(h)
+        if self.resample == "up":
+            h, x = UpsampleConv(self.out_ch, self.dtype, name="conv1")(h), _upsample_nearest(x)
+        else:
+            if self.resample == "down":
+                h, x = _avg_pool2(h), _avg_pool2(x)
+            h = _conv(self.out_ch, self.dtype, name="conv1")(h)
 
         emb_ch = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
         emb_out = _dense(emb_ch, self.dtype, name="temb_proj")(nn.swish(emb))[:, None, None, :]

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 from ddm.unet import UNet
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
@@ -17,10 +18,12 @@ def _cost(fn, *args):
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-def test_hand_flops_match_xla_cost_analysis():
+@pytest.mark.parametrize("resblock_updown", [False, True])
+def test_hand_flops_match_xla_cost_analysis(resblock_updown):
     # Two levels (a downsample, an upsample, channel changes with NIN shortcuts), attention at 8x8
-    # and in the middle, a learned-variance output.
-    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, out_channels=6)
+    # and in the middle, a learned-variance output; resampling by convs or by residual blocks.
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, out_channels=6,
+                 resblock_updown=resblock_updown)
     shape, batch = (16, 16, 3), 2
     x, t = jnp.zeros((batch,) + shape), jnp.zeros((batch,), jnp.int32)
     params = common.random_params(model, shape)

@@ -226,3 +226,27 @@ def test_upsample_conv_bfloat16_and_init_match_flax_conv():
     y = UpsampleConv(8, dtype=jnp.bfloat16).apply({"params": ours}, x)
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(y.astype(jnp.float32), _nearest_then_conv(x, ours), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("resblock_updown", [False, True])
+def test_unet_upsampling_matches_upsampling_the_image_then_a_conv(monkeypatch, resblock_updown):
+    # Both places that upsample then convolve (Upsample's conv, an "up" ResBlock's conv1) through
+    # UpsampleConv give the U-Net DDPM's / ADM's output: swap in the upsampled-image form and compare.
+    import ddm.unet as unet
+
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                 resblock_updown=resblock_updown)
+    x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jnp.array([3, 500])
+    params = model.init(jax.random.key(1), x, t, train=False)["params"]
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+    ours = model.apply({"params": params}, x, t, train=False)
+
+    def upsample_then_conv(x, kernel, dtype):
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2).astype(dtype)
+        return jax.lax.conv_general_dilated(up, kernel.astype(dtype), (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    monkeypatch.setattr(unet, "upsample_conv", upsample_then_conv)
+    reference = model.apply({"params": params}, x, t, train=False)
+    assert float(jnp.abs(reference).mean()) > 1e-2
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
