@@ -534,6 +534,35 @@ class SampleCall(Lowered):
         jax.block_until_ready(self.compiled(self.params, self.x, self.t, self.key))
 
 
+class SampleScanCall(Lowered):
+    """A whole DDIM sampler call as ddm samples: ``ddm.ddim_sample`` (eta 0, one lax.scan over
+    ``steps`` respaced steps) on a batch of noise, jitted, with random parameters. Each call draws
+    new noise (key = call count); ``__call__`` returns the images."""
+
+    def __init__(self, config_name, dtype_name, batch, steps, **model_overrides):
+        import ddm
+
+        _, model, diffusion, image_shape = build(config_name, dtype_name, **model_overrides)
+        d = ddm.respace(diffusion, ddm.space_timesteps(diffusion.num_timesteps, f"ddim{steps}"))
+
+        def sample(params, key):
+            model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False).astype(jnp.float32)
+            return ddm.ddim_sample(d, model_fn, key, (batch,) + tuple(image_shape), eta=0.0)
+
+        self.model, self.image_shape, self.batch, self.steps, self.diffusion = model, image_shape, batch, steps, d
+        params = jax.eval_shape(lambda: random_params(model, image_shape))
+        self.lowered = jax.jit(sample).lower(params, jax.eval_shape(lambda: jax.random.key(0)))
+        self.compiled = None
+
+    def materialize(self):
+        self.params = random_params(self.model, self.image_shape)
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return jax.block_until_ready(self.compiled(self.params, jax.random.key(self.calls)))
+
+
 def cost_flops(compiled) -> float:
     """FLOPs of one call of a compiled executable from XLA's cost analysis (per device for pmap).
 

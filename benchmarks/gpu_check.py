@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ddm  # noqa: E402
@@ -77,41 +76,33 @@ def train_check(args, dtype_name, overrides, results):
 
 
 def sample_check(args, dtype_name, overrides, results):
-    config, model, diffusion, image_shape = common.build("cifar10_linear", dtype_name, **overrides)
-    d = ddm.respace(diffusion, ddm.space_timesteps(diffusion.num_timesteps, f"ddim{args.ddim_steps}"))
-
-    def sample(params, key):
-        model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False).astype(jnp.float32)
-        return ddm.ddim_sample(d, model_fn, key, (args.sample_batch,) + tuple(image_shape), eta=0.0)
-
-    params = common.random_params(model, image_shape)
-    start = time.perf_counter()
-    compiled = jax.jit(sample).lower(params, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, jax.random.key(0)))  # warm-up
+    call = common.SampleScanCall("cifar10_linear", dtype_name, args.sample_batch, args.ddim_steps, **overrides)
+    call.compile()
+    call.materialize()
+    call()  # warm-up
     calls = -(-args.num_samples // args.sample_batch)
     timed = calls if args.sample_all else min(args.sample_calls, calls)
     times = []
-    for i in range(timed):
+    for _ in range(timed):
         start = time.perf_counter()
-        images = jax.block_until_ready(compiled(params, jax.random.key(i + 1)))
+        images = call()
         times.append(time.perf_counter() - start)
     assert np.isfinite(np.asarray(images)).all()
     per_call = common.median(times)
     total = sum(times) if args.sample_all else per_call * calls
     label = "measured (all calls)" if args.sample_all else f"EXTRAPOLATED from {timed} timed call(s) x {calls} calls"
-    flops = common.hand_flops(model, image_shape, args.sample_batch)["forward"] * args.ddim_steps / per_call
+    flops = common.hand_flops(call.model, call.image_shape, args.sample_batch)["forward"] * args.ddim_steps / per_call
     row = {"what": f"DDIM {args.ddim_steps} steps, batch {args.sample_batch}", "dtype": dtype_name,
            "s_per_call": per_call, "samples_per_s": args.sample_batch / per_call,
            "tflop_per_s": flops / 1e12, "mfu": common.mfu_text(flops, dtype_name),
            "seconds_for_num_samples": total, "num_samples": args.num_samples, "how": label,
-           "compile_s": compile_s, "memory": common.peak_bytes(compiled),
+           "compile_s": call.compile_s, "memory": common.peak_bytes(call.compiled),
            "device_peak_bytes_in_use": device_memory_peak()}
     results["rows"].append(row)
     print(f"[sample {dtype_name}] {row['samples_per_s']:.0f} samples/s ({per_call:.2f} s per call of "
           f"{args.sample_batch}); {args.num_samples} samples: {total:.0f} s = {total / 60:.1f} min ({label}); "
           f"{row['tflop_per_s']:.1f} TFLOP/s, MFU {row['mfu']}; "
-          f"memory peak {gib(row['memory'].get('peak'))}, compile {compile_s:.0f} s", flush=True)
+          f"memory peak {gib(row['memory'].get('peak'))}, compile {call.compile_s:.0f} s", flush=True)
 
 
 def peer_check(args, overrides, results):

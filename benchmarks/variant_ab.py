@@ -2,8 +2,9 @@
 steps, on whatever device JAX has, in one run; with MFU from the hand count and each compiled call's
 peak memory, per batch size, and optionally the PyTorch peer.
 
-    python benchmarks/variant_ab.py [--config cifar10_linear] [--dtype bfloat16] [--steps train,sample]
-                                    [--batches 128] [--k 4] [--calls 8] [--arms ddm,flax_group_norm]
+    python benchmarks/variant_ab.py [--config cifar10_linear] [--dtype bfloat16]
+                                    [--steps train,sample,sample_scan] [--batches 128] [--k 4]
+                                    [--scan_steps 50] [--calls 8] [--arms ddm,flax_group_norm]
                                     [--peer] [--ch 0] [--hlo_out DIR]
 
 Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (median per call):
@@ -14,9 +15,13 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     ddm.unet.upsample_conv's four 2x2 sub-pixel convs over the input
   wgrad_taps        kernel gradients as per-tap matmuls on CPU (measured and not adopted)
 --arms ddm alone gives MFU and memory against batch size. --peer adds diffusers' UNet2DModel in
-PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. The train call runs
-K steps per call (unrolled and not donated on CPU, as experiment.train); the sampling step is one
-DDIM-50 step. MFU counts the FLOPs ddm's arm computes (common.hand_flops), so an arm that computes
+PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. Steps:
+  train        the train call of K steps (unrolled and not donated on CPU, as experiment.train)
+  sample       one DDIM-50 step, jitted on its own (the U-Net forward and the update)
+  sample_scan  a whole DDIM sampler call of --scan_steps steps (common.SampleScanCall: one lax.scan,
+               as ddm samples; XLA computes what does not change between steps, such as the
+               sub-pixel kernels, once per call); the peer runs its step --scan_steps times
+Rates are steps per second in every case. MFU counts the FLOPs ddm's arm computes (common.hand_flops), so an arm that computes
 more (nearest_upsample) shows its rate in ddm's FLOPs. --hlo_out writes each arm's optimised HLO.
 """
 import argparse
@@ -33,6 +38,8 @@ def ddm_call(step, arm, args, batch):
     with common.VARIANTS[arm]():
         if step == "train":
             return common.TrainCall(args.config, args.dtype, batch, args.k, **overrides)
+        if step == "sample_scan":
+            return common.SampleScanCall(args.config, args.dtype, batch, args.scan_steps, **overrides)
         return common.SampleCall(args.config, args.dtype, batch, method="ddim", steps=50, **overrides)
 
 
@@ -47,16 +54,20 @@ def peer_call(step, args, batch, ours):
         return common.TorchTrainCall(args.config, args.dtype, batch, args.k, **overrides)
     from sampling_step import TorchRunner
 
-    return TorchRunner(ours.model, ours.diffusion, ours.image_shape, batch, args.dtype, device=device)
+    runner = TorchRunner(ours.model, ours.diffusion, ours.image_shape, batch, args.dtype, device=device)
+    if step == "sample_scan":
+        return lambda: [runner() for _ in range(args.scan_steps)]
+    return runner
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cifar10_linear")
     parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="bfloat16")
-    parser.add_argument("--steps", default="train", help="train, sample or train,sample")
+    parser.add_argument("--steps", default="train", help="comma-separated: train, sample, sample_scan")
     parser.add_argument("--batches", default="128")
     parser.add_argument("--k", type=int, default=4, help="train steps per call")
+    parser.add_argument("--scan_steps", type=int, default=50, help="DDIM steps per sample_scan call")
     parser.add_argument("--calls", type=int, default=8)
     parser.add_argument("--ch", type=int, default=0, help="override model.ch (quick tries)")
     parser.add_argument("--arms", default="ddm,flax_group_norm", help=f"from {', '.join(common.VARIANTS)}")
@@ -67,9 +78,12 @@ def main():
     unknown = [arm for arm in arms if arm not in common.VARIANTS]
     if unknown or not arms or arms[0] != "ddm":
         parser.error(f"--arms: {args.arms!r} must start with ddm and name only {', '.join(common.VARIANTS)}")
+    steps = args.steps.split(",")
+    if set(steps) - {"train", "sample", "sample_scan"}:
+        parser.error(f"--steps: {args.steps!r} may name only train, sample and sample_scan")
     print(common.machine_line(), flush=True)
-    for step in args.steps.split(","):
-        per_call = args.k if step == "train" else 1  # steps per timed call
+    for step in steps:
+        per_call = {"train": args.k, "sample_scan": args.scan_steps}.get(step, 1)  # steps per timed call
         for batch in map(int, args.batches.split(",")):
             runners = []
             for arm in arms:

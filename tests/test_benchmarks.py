@@ -214,3 +214,18 @@ def test_mfu_text_against_the_table_peak(monkeypatch):
     assert common.mfu_text(204e12, "bfloat16").startswith("20.6% of table: H200 bfloat16")
     text = common.mfu_text(125e12, "float32")
     assert "186.6% of table: H200 float32" in text and "25.3% of table: H200 tf32" in text
+
+
+def test_sample_scan_call_runs_the_ddim_sampler_with_new_noise_per_call():
+    import numpy as np
+
+    import ddm
+
+    call = common.SampleScanCall("digits", "float32", 2, 3).ready()
+    assert call.steps == 3 and call.diffusion.num_timesteps == 3
+    first, second = np.asarray(call()), np.asarray(call())
+    assert first.shape == (2,) + tuple(call.image_shape) and np.isfinite(first).all()
+    assert not np.allclose(first, second)  # each call draws its own x_T
+    model_fn = lambda x, t: call.model.apply({"params": call.params}, x, t, train=False)
+    expected = ddm.ddim_sample(call.diffusion, model_fn, jax.random.key(call.calls), first.shape, eta=0.0)
+    np.testing.assert_allclose(second, expected, rtol=1e-5, atol=1e-5)
