@@ -194,7 +194,7 @@ def _nearest_then_conv(x, params, dtype=jnp.float32):
     return nn.Conv(params["kernel"].shape[-1], (3, 3), padding="SAME", dtype=dtype).apply({"params": params}, up)
 
 
-@pytest.mark.parametrize("size", [1, 2, 5, 8])
+@pytest.mark.parametrize("size", [1, 5])
 def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv(size):
     from ddm.unet import UpsampleConv
 
@@ -228,18 +228,19 @@ def test_upsample_conv_bfloat16_and_init_match_flax_conv():
     np.testing.assert_allclose(y.astype(jnp.float32), _nearest_then_conv(x, ours), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("resblock_updown", [False, True])
-def test_unet_upsampling_matches_upsampling_the_image_then_a_conv(monkeypatch, resblock_updown):
-    # Both places that upsample then convolve (Upsample's conv, an "up" ResBlock's conv1) through
-    # UpsampleConv give the U-Net DDPM's / ADM's output: swap in the upsampled-image form and compare.
+def test_up_resblock_matches_upsampling_the_image_then_a_conv(monkeypatch):
+    # An "up" ResBlock (resblock_updown, ADM) convolves through UpsampleConv and gives ADM's output:
+    # swap in the upsampled-image form and compare. (Upsample's conv, DDPM's, is compared the same
+    # way in tests/test_benchmarks.py with the benchmarks' nearest_upsample arm.)
     import ddm.unet as unet
 
-    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
-                 resblock_updown=resblock_updown)
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, resblock_updown=True)
     x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jnp.array([3, 500])
-    params = model.init(jax.random.key(1), x, t, train=False)["params"]
-    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
-    ours = model.apply({"params": params}, x, t, train=False)
+    params = jax.jit(lambda: model.init(jax.random.key(1), x, t, train=False))()["params"]
+    rng = np.random.default_rng(2)  # off the zero init of the residual branches
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32), params)
+    forward = lambda: jax.jit(lambda p: model.apply({"params": p}, x, t, train=False))(params)
+    ours = forward()
 
     def upsample_then_conv(x, kernel, dtype):
         up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2).astype(dtype)
@@ -247,6 +248,6 @@ def test_unet_upsampling_matches_upsampling_the_image_then_a_conv(monkeypatch, r
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     monkeypatch.setattr(unet, "upsample_conv", upsample_then_conv)
-    reference = model.apply({"params": params}, x, t, train=False)
+    reference = forward()
     assert float(jnp.abs(reference).mean()) > 1e-2
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
