@@ -21,8 +21,9 @@ PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. S
   sample_scan  a whole DDIM sampler call of --scan_steps steps (common.SampleScanCall: one lax.scan,
                as ddm samples; XLA computes what does not change between steps, such as the
                sub-pixel kernels, once per call); the peer runs its step --scan_steps times
-Rates are steps per second in every case. MFU counts the FLOPs ddm's arm computes (common.hand_flops), so an arm that computes
-more (nearest_upsample) shows its rate in ddm's FLOPs. --hlo_out writes each arm's optimised HLO.
+Rates are steps per second in every case. MFU counts the FLOPs ddm's arm computes
+(common.hand_flops), so an arm that computes more (nearest_upsample) shows its rate in ddm's FLOPs.
+--hlo_out writes each arm's optimised HLO.
 """
 import argparse
 import os
@@ -33,8 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
+def model_overrides(args):
+    return {"ch": args.ch} if args.ch else {}
+
+
 def ddm_call(step, arm, args, batch):
-    overrides = {"ch": args.ch} if args.ch else {}
+    overrides = model_overrides(args)
     with common.VARIANTS[arm]():
         if step == "train":
             return common.TrainCall(args.config, args.dtype, batch, args.k, **overrides)
@@ -50,8 +55,7 @@ def peer_call(step, args, batch, ours):
     if device == "cpu":
         torch.set_num_threads(os.cpu_count())
     if step == "train":
-        overrides = {"ch": args.ch} if args.ch else {}
-        return common.TorchTrainCall(args.config, args.dtype, batch, args.k, **overrides)
+        return common.TorchTrainCall(args.config, args.dtype, batch, args.k, **model_overrides(args))
     from sampling_step import TorchRunner
 
     runner = TorchRunner(ours.model, ours.diffusion, ours.image_shape, batch, args.dtype, device=device)
@@ -100,7 +104,8 @@ def main():
                 names.append("diffusers")
             times = common.interleaved(runners, args.calls)
             rates = [per_call / common.median(t) for t in times]
-            flops = common.hand_flops(runners[0].model, runners[0].image_shape, batch)["train" if step == "train" else "forward"]
+            flops = common.hand_flops(runners[0].model, runners[0].image_shape, batch)
+            flops = flops["train"] if step == "train" else flops["forward"]  # per step
             for i, (name, rate) in enumerate(zip(names, rates)):
                 peak = common.peak_bytes(runners[i].compiled).get("peak") if i < len(arms) else None
                 print(f"{args.config} {step} {args.dtype} batch {batch:>4} | {name:<16} | {rate:8.3f} steps/s | "
