@@ -131,9 +131,10 @@ def unet_forward_macs(model, image_shape, batch: int = 1, count_padding: bool = 
     """Multiply-accumulates of one U-Net forward, by kind, walking the module's structure.
 
     Counts the convolutions (the upsampling ones as ``ddm.unet.upsample_conv`` computes them: four
-    2x2 convs over the input, 16 taps per input pixel where the upsampled 3x3 conv has 36), the dense layers (timestep MLP, res blocks' temb projections and
-    1x1 shortcuts, attention q/k/v/out) and the two attention matmuls; elementwise work (norms,
-    activations, softmax, additions) is left out. Returns {'conv', 'dense', 'attention',
+    2x2 convs over the input, 16 taps per input pixel where the upsampled 3x3 conv has 36), the
+    dense layers (timestep MLP, res blocks' temb projections and 1x1 shortcuts, attention
+    q/k/v/out) and the two attention matmuls; elementwise work (norms, activations, softmax,
+    additions) is left out. Returns {'conv', 'dense', 'attention',
     'conv_in'} in MACs for ``batch`` images (2 * MACs = FLOPs).
     """
     h_size, w_size, c_in = image_shape
@@ -151,8 +152,8 @@ def unet_forward_macs(model, image_shape, batch: int = 1, count_padding: bool = 
         return -(-h // stride), -(-w // stride)
 
     def upsample_conv(h, w, cin, cout):
-        # ddm.unet.upsample_conv: four 2x2 convs over the (h, w) input, one per output phase; along
-        # an axis of n pixels the two phases' 2-tap windows each have one tap in the padding.
+        # ddm.unet.upsample_conv: four 2x2 convs over the (h, w) input, one per output phase. Along
+        # an axis of h pixels each phase has 2h taps, one of them in the padding: 2 (2h - 1) in all.
         taps = 16 * h * w if count_padding else (4 * h - 2) * (4 * w - 2)
         macs["conv"] += batch * taps * cin * cout
         return 2 * h, 2 * w
@@ -590,8 +591,9 @@ def peak_bytes(compiled) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- #
-# A candidate U-Net change measured by variant_ab.py (arm wgrad_taps), profile_steps.py and cpu_scan_unroll.py, kept
-# here (not in ddm/unet.py) because it did not pay on balance: kernel gradients as matmuls.
+# A candidate U-Net change measured by variant_ab.py (arm wgrad_taps), profile_steps.py and
+# cpu_scan_unroll.py, kept here (not in ddm/unet.py) because it did not pay on balance: kernel
+# gradients as matmuls.
 # --------------------------------------------------------------------------------------------- #
 
 def _weight_grad_by_taps(x, g, kernel_shape, strides, pads):
