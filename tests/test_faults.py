@@ -72,7 +72,7 @@ def uninterrupted(tmp_path_factory):
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, uninterrupted, sig):
     workdir, log_path = str(tmp_path / "run"), tmp_path / "log.txt"
     checkpoints = os.path.join(workdir, "checkpoints")
-    every = 2 if sig == signal.SIGKILL else 100  # SIGKILL: resume from a periodic checkpoint; SIGTERM: saves its own
+    every = 50 if sig == signal.SIGKILL else 100  # SIGKILL: resume from a periodic checkpoint; SIGTERM: saves its own
     with open(log_path, "w") as log:
         proc = cli(workdir, LONG, every, log)
         if sig == signal.SIGKILL:
