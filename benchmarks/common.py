@@ -662,14 +662,83 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
 def kernel_grad_by_taps():
     """While active, ddm.unet builds its convolutions with `_conv_general_dilated` (kernel gradients
     as per-tap matmuls on CPU). Trace (lower) the step inside the block; the forward is unchanged."""
+    return _conv_module_with(_conv_general_dilated)
+
+
+def _winograd_input(x):
+    """B^T d B for every 4x4 tile of x (B, H, W, C) padded by one pixel, at stride 2:
+    (16, B * H/2 * W/2, C), the 16 indexing (row, column) of the transformed tile."""
+    b, height, width, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    bt = lambda d0, d1, d2, d3: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)  # B^T, along one axis
+    rows = bt(*(xp[:, i:i + height:2] for i in range(4)))
+    v = jnp.stack([jnp.stack(bt(*(r[:, :, j:j + width:2] for j in range(4)))) for r in rows])
+    return v.reshape(16, b * (height // 2) * (width // 2), c)
+
+
+def _winograd_kernel(kernel):
+    """G g G^T of a (3, 3, C, F) kernel: (16, C, F), as plain sums of slices (no tiny-K matmuls)."""
+    g = lambda k0, k1, k2: (k0, 0.5 * (k0 + k1 + k2), 0.5 * (k0 - k1 + k2), k2)  # G, along one axis
+    rows = g(*(kernel[i] for i in range(3)))
+    return jnp.stack([jnp.stack(g(*(r[j] for j in range(3)))) for r in rows]).reshape(16, *kernel.shape[2:])
+
+
+def winograd_conv3x3(x, kernel, dtype):
+    """A 3x3 'SAME' stride-1 conv of x (B, H, W, C), H and W even, with a (3, 3, C, F) kernel (no
+    bias), as Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): (B, H, W, F) in ``dtype``.
+
+    Each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A of the 4x4 input tile d around it: one
+    (C, F) matmul per transformed tap, 16 multiply-adds per 4 output pixels and channel pair where
+    the direct conv has 36. Autodiff gives both gradients in the same transformed form. The
+    transforms and the matmuls' sums are float32 and only the transformed tiles and kernel are
+    rounded to ``dtype``: in bfloat16 the output transform's cancelling sums otherwise lose the
+    small outputs (measured: 0.18 came out 0).
+    """
+    b, height, width, _ = x.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"winograd_conv3x3: H={height} and W={width} must be even")
+    u = _winograd_kernel(kernel.astype(jnp.float32)).astype(dtype)
+    v = _winograd_input(x.astype(jnp.float32)).astype(dtype)
+    m = jnp.einsum("tpc,tcf->tpf", v, u, preferred_element_type=jnp.float32)
+    m = m.reshape(4, 4, b, height // 2, width // 2, -1)
+    at = lambda m0, m1, m2, m3: (m0 + m1 + m2, m1 - m2 - m3)  # A^T, along one axis
+    y = [at(*(r[j] for j in range(4))) for r in at(*(m[i] for i in range(4)))]  # y[row parity][column parity]
+    y = jnp.stack([jnp.stack(r, axis=3) for r in y], axis=2)  # (B, H/2, 2, W/2, 2, F)
+    return y.reshape(b, height, width, -1).astype(dtype)
+
+
+WINOGRAD_MAX_SIZE = 16  # the largest H, W the winograd arm transforms; 32x32 was slower per layer
+
+
+def _winograd_conv_general_dilated(x, kernel, window_strides, padding, **kwargs):
+    """nn.Conv's ``lax.conv_general_dilated`` with the stride-1 3x3 'SAME' convs of even H, W at
+    most WINOGRAD_MAX_SIZE as ``winograd_conv3x3`` on CPU (through ``lax.platform_dependent``;
+    XLA's own elsewhere and for every other conv)."""
+    direct = lambda x, k: lax.conv_general_dilated(x, k, window_strides, padding, **kwargs)
+    height, width = x.shape[1:3]
+    if (padding != "SAME" or kernel.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1)
+            or kwargs.get("feature_group_count", 1) != 1 or height % 2 or width % 2
+            or max(height, width) > WINOGRAD_MAX_SIZE):
+        return direct(x, kernel)
+    return lax.platform_dependent(x, kernel, cpu=lambda x, k: winograd_conv3x3(x, k, x.dtype), default=direct)
+
+
+def _conv_module_with(conv_general_dilated):
+    """A stand-in for ``ddm.unet._conv`` that builds the same nn.Conv with its convolution replaced."""
     import ddm.unet as unet
 
     def conv(features, dtype, *, kernel=3, stride=1, zero=False, name=None):
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                        kernel_init=unet._kernel_init(zero), bias_init=nn.initializers.zeros, dtype=dtype,
-                       param_dtype=jnp.float32, name=name, conv_general_dilated=_conv_general_dilated)
+                       param_dtype=jnp.float32, name=name, conv_general_dilated=conv_general_dilated)
 
     return _swapped(unet, "_conv", conv)
+
+
+def winograd_small_convs():
+    """While active, ddm.unet runs its stride-1 3x3 convs of at most 16x16 as Winograd F(2x2, 3x3)
+    on CPU (``winograd_conv3x3``; measured and not adopted). Trace (lower) the step inside the block."""
+    return _conv_module_with(_winograd_conv_general_dilated)
 
 
 def flax_group_norm():
@@ -699,7 +768,8 @@ def nearest_upsample_conv():
 
 # The variants a benchmark arm can name (variant_ab.py), each a context manager to trace inside.
 VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
-            "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps}
+            "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
+            "winograd": winograd_small_convs}
 
 
 @contextlib.contextmanager
