@@ -659,6 +659,18 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
     return f(lhs, rhs)
 
 
+def _conv_module_with(conv_general_dilated):
+    """A stand-in for ``ddm.unet._conv`` that builds the same nn.Conv with its convolution replaced."""
+    import ddm.unet as unet
+
+    def conv(features, dtype, *, kernel=3, stride=1, zero=False, name=None):
+        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                       kernel_init=unet._kernel_init(zero), bias_init=nn.initializers.zeros, dtype=dtype,
+                       param_dtype=jnp.float32, name=name, conv_general_dilated=conv_general_dilated)
+
+    return _swapped(unet, "_conv", conv)
+
+
 def kernel_grad_by_taps():
     """While active, ddm.unet builds its convolutions with `_conv_general_dilated` (kernel gradients
     as per-tap matmuls on CPU). Trace (lower) the step inside the block; the forward is unchanged."""
@@ -721,18 +733,6 @@ def _winograd_conv_general_dilated(x, kernel, window_strides, padding, **kwargs)
             or max(height, width) > WINOGRAD_MAX_SIZE):
         return direct(x, kernel)
     return lax.platform_dependent(x, kernel, cpu=lambda x, k: winograd_conv3x3(x, k, x.dtype), default=direct)
-
-
-def _conv_module_with(conv_general_dilated):
-    """A stand-in for ``ddm.unet._conv`` that builds the same nn.Conv with its convolution replaced."""
-    import ddm.unet as unet
-
-    def conv(features, dtype, *, kernel=3, stride=1, zero=False, name=None):
-        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
-                       kernel_init=unet._kernel_init(zero), bias_init=nn.initializers.zeros, dtype=dtype,
-                       param_dtype=jnp.float32, name=name, conv_general_dilated=conv_general_dilated)
-
-    return _swapped(unet, "_conv", conv)
 
 
 def winograd_small_convs():
