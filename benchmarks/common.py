@@ -766,10 +766,18 @@ def nearest_upsample_conv():
     return _swapped(unet, "upsample_conv", upsample_then_conv)
 
 
+def threefry_dropout():
+    """While active, ddm.unet's res blocks use flax's ``nn.Dropout`` (a ``jax.random.bernoulli`` mask,
+    threefry bits) in place of ``unet.Dropout`` (hashed-index mask). Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet, "Dropout", nn.Dropout)
+
+
 # The variants a benchmark arm can name (variant_ab.py), each a context manager to trace inside.
 VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
-            "winograd": winograd_small_convs}
+            "winograd": winograd_small_convs, "threefry_dropout": threefry_dropout}
 
 
 @contextlib.contextmanager

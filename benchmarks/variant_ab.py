@@ -16,6 +16,8 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
   wgrad_taps        kernel gradients as per-tap matmuls on CPU (measured and not adopted)
   winograd          the stride-1 3x3 convs of at most 16x16 as Winograd F(2x2, 3x3) on CPU
                     (common.winograd_conv3x3; measured and not adopted)
+  threefry_dropout  flax's nn.Dropout (jax.random.bernoulli's threefry bits per element) in place of
+                    ddm.unet.Dropout (masks hashed from the element index under a per-mask seed)
 --arms ddm alone gives MFU and memory against batch size. --peer adds diffusers' UNet2DModel in
 PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. Steps:
   train        the train call of K steps (unrolled and not donated on CPU, as experiment.train)

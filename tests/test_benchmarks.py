@@ -1,6 +1,7 @@
 """The hand FLOP count of benchmarks/common.py against XLA's cost analysis, on tiny U-Nets (no timing)."""
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +203,24 @@ def test_nearest_upsample_arm_swaps_the_upsampling_only_inside_the_block():
     ddm_out = model.apply({"params": params}, x, t, train=False)
     assert float(jnp.abs(ddm_out).mean()) > 1e-2
     assert jnp.allclose(nearest_out, ddm_out, rtol=1e-4, atol=1e-5)
+
+
+def test_threefry_dropout_arm_swaps_the_dropout_only_inside_the_block():
+    import numpy as np
+
+    model = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.5)
+    params = common.random_params(model, (8, 8, 3))
+    x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3)), jnp.array([3, 500])
+    apply = lambda train: model.apply({"params": params}, x, t, train=train, rngs={"dropout": jax.random.key(2)})
+    bit_shapes = lambda: re.findall(r"random_bits\[bit_width=32 shape=\(([\d, ]*)\)\]",
+                                    str(jax.make_jaxpr(lambda: apply(True))()))  # nested jaxprs too
+    with common.VARIANTS["threefry_dropout"]():
+        flax_train, flax_eval = apply(True), apply(False)
+        assert "2, 8, 8, 32" in bit_shapes()  # flax's nn.Dropout: threefry bits per element
+    assert bit_shapes() == ["2,"] * 5  # ddm's: a 2-word seed per mask, 5 res blocks
+    ddm_train, ddm_eval = apply(True), apply(False)
+    np.testing.assert_array_equal(flax_eval, ddm_eval)
+    assert not np.allclose(flax_train, ddm_train) and not np.allclose(ddm_train, ddm_eval)
 
 
 def test_mfu_text_against_the_table_peak(monkeypatch):

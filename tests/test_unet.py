@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddm.unet import UNet, timestep_embedding
+from ddm.unet import Dropout, UNet, dropout_keep_mask, timestep_embedding
 
 # A tiny network: levels of 8x8 and 4x4 feature maps, attention at 4x4.
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
@@ -146,6 +146,58 @@ def test_dropout():
     np.testing.assert_array_equal(train_a, train_a2)
     assert not np.allclose(train_a, train_b)
     assert not np.allclose(train_a, eval_a)
+
+
+def _within(count, n, p, sigmas=5.0):
+    """count of n Bernoulli(p) trials is within `sigmas` standard deviations of n * p."""
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+@pytest.mark.parametrize("keep_prob", [0.1, 0.5, 0.9, 0.999])
+def test_dropout_keep_mask_keeps_each_element_with_probability_keep_prob(keep_prob):
+    n = 1 << 20
+    mask = np.asarray(dropout_keep_mask(jax.random.key(3), (n,), keep_prob))
+    assert mask.dtype == bool and mask.shape == (n,)
+    assert _within(mask.sum(), n, keep_prob)
+
+
+def test_dropout_keep_mask_elements_and_keys_are_independent():
+    # Pairs of elements at power-of-two strides (where index hashes show structure if any), the
+    # masks of two keys, and of two keys folded from one, each kept together with probability p^2.
+    p, n = 0.5, 1 << 20
+    mask = np.asarray(dropout_keep_mask(jax.random.key(5), (n,), p))
+    for stride in (1, 2, 3, 16, 128, 1024, 1 << 15):
+        assert _within(np.sum(mask[:-stride] & mask[stride:]), n - stride, p * p), stride
+    image = np.asarray(dropout_keep_mask(jax.random.key(5), (16, 32, 32, 64), p))
+    for axis in range(4):  # neighbours along every axis of an activation-shaped mask
+        a, b = np.swapaxes(image, 0, axis)[:-1], np.swapaxes(image, 0, axis)[1:]
+        assert _within(np.sum(a & b), a.size, p * p), axis
+    key = jax.random.key(7)
+    for key_a, key_b in [(jax.random.key(5), jax.random.key(6)), tuple(jax.random.split(key)),
+                         (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))]:
+        a, b = (np.asarray(dropout_keep_mask(k, (n,), p)) for k in (key_a, key_b))
+        assert _within(np.sum(a & b), n, p * p)
+    np.testing.assert_array_equal(mask, dropout_keep_mask(jax.random.key(5), (n,), p))
+
+
+def test_dropout_keep_mask_rejects_more_than_2_to_the_32_elements():
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        jax.eval_shape(lambda k: dropout_keep_mask(k, (1 << 16, (1 << 16) + 1), 0.9), jax.random.key(0))
+
+
+def test_dropout_module_scales_kept_elements_and_passes_through_when_off():
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 32), jnp.float32, 1.0, 2.0)  # no zeros
+    rngs = {"dropout": jax.random.key(1)}
+    y = Dropout(0.25, deterministic=False).apply({}, x, rngs=rngs)
+    kept = np.asarray(y) != 0
+    assert _within(kept.sum(), x.size, 0.75)
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+    for module in (Dropout(0.25, deterministic=True), Dropout(0.0, deterministic=False)):
+        np.testing.assert_array_equal(module.apply({}, x, rngs=rngs), x)
+    assert not np.any(Dropout(1.0, deterministic=False).apply({}, x, rngs=rngs))
+    bf16 = Dropout(0.25, deterministic=False).apply({}, x.astype(jnp.bfloat16), rngs=rngs)
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(bf16) != 0, kept)  # the mask does not depend on the dtype
 
 
 def test_output_depends_on_t():
