@@ -774,10 +774,27 @@ def threefry_dropout():
     return _swapped(unet, "Dropout", nn.Dropout)
 
 
+def einsum_heads():
+    """While active, ddm.unet's attention keeps the heads as an einsum axis ("bqnd,bknd->bnqk"), as it
+    did before ``unet.multi_head_attention`` moved them into the batch axis. Trace (lower) the step inside
+    the block."""
+    import ddm.unet as unet
+
+    def attention(q, k, v, num_heads):
+        b, height, width, c = q.shape
+        q, k, v = (a.reshape(b, height * width, num_heads, c // num_heads) for a in (q, k, v))
+        logits = jnp.einsum("bqnd,bknd->bnqk", q, k) * (c // num_heads) ** -0.5
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, height, width, c)
+
+    return _swapped(unet, "multi_head_attention", attention)
+
+
 # The variants a benchmark arm can name (variant_ab.py), each a context manager to trace inside.
 VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
-            "winograd": winograd_small_convs, "threefry_dropout": threefry_dropout}
+            "winograd": winograd_small_convs, "threefry_dropout": threefry_dropout,
+            "einsum_heads": einsum_heads}
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ peak memory, per batch size, and optionally the PyTorch peer.
     python benchmarks/variant_ab.py [--config cifar10_linear] [--dtype bfloat16]
                                     [--steps train,sample,sample_scan] [--batches 128] [--k 4]
                                     [--scan_steps 50] [--calls 8] [--arms ddm,flax_group_norm]
-                                    [--peer] [--ch 0] [--hlo_out DIR]
+                                    [--peer] [--ch 0] [--num_heads 0] [--hlo_out DIR]
 
 Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (median per call):
   ddm               ddm as it is
@@ -18,6 +18,8 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     (common.winograd_conv3x3; measured and not adopted)
   threefry_dropout  flax's nn.Dropout (jax.random.bernoulli's threefry bits per element) in place of
                     ddm.unet.Dropout (masks hashed from the element index under a per-mask seed)
+  einsum_heads      attention with the heads as an einsum axis, in place of
+                    ddm.unet.multi_head_attention's heads in the batch axis (--num_heads 4 to see heads)
 --arms ddm alone gives MFU and memory against batch size. --peer adds diffusers' UNet2DModel in
 PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. Steps:
   train        the train call of K steps (unrolled and not donated on CPU, as experiment.train)
@@ -39,7 +41,7 @@ import common  # noqa: E402
 
 
 def model_overrides(args):
-    return {"ch": args.ch} if args.ch else {}
+    return {name: value for name, value in (("ch", args.ch), ("num_heads", args.num_heads)) if value}
 
 
 def ddm_call(step, arm, args, batch):
@@ -78,6 +80,7 @@ def main():
     parser.add_argument("--scan_steps", type=int, default=50, help="DDIM steps per sample_scan call")
     parser.add_argument("--calls", type=int, default=8)
     parser.add_argument("--ch", type=int, default=0, help="override model.ch (quick tries)")
+    parser.add_argument("--num_heads", type=int, default=0, help="override model.num_heads")
     parser.add_argument("--arms", default="ddm,flax_group_norm", help=f"from {', '.join(common.VARIANTS)}")
     parser.add_argument("--peer", action="store_true", help="add diffusers in PyTorch")
     parser.add_argument("--hlo_out", default="")

@@ -223,6 +223,20 @@ def test_threefry_dropout_arm_swaps_the_dropout_only_inside_the_block():
     assert not np.allclose(flax_train, ddm_train) and not np.allclose(ddm_train, ddm_eval)
 
 
+def test_einsum_heads_arm_swaps_the_attention_only_inside_the_block():
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_heads=2)
+    params = common.random_params(model, (8, 8, 3))
+    x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3)), jnp.array([3, 500])
+    forward = lambda: jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
+    with common.VARIANTS["einsum_heads"]():
+        einsum_out = model.apply({"params": params}, x, t, train=False)
+        assert "f32[2,2,16,16]" in str(forward())  # logits (B, heads, H*W, H*W) at the 4x4 level
+    assert "f32[2,2,16,16]" not in str(forward()) and "f32[4,16,16]" in str(forward())  # (B * heads, ...)
+    ddm_out = model.apply({"params": params}, x, t, train=False)
+    assert float(jnp.abs(ddm_out).mean()) > 1e-2
+    assert jnp.allclose(einsum_out, ddm_out, rtol=1e-5, atol=1e-5)
+
+
 def test_mfu_text_against_the_table_peak(monkeypatch):
     class Device:
         device_kind = "NVIDIA H200"
