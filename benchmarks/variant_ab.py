@@ -27,7 +27,8 @@ PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. S
   sample_scan  a whole DDIM sampler call of --scan_steps steps (common.SampleScanCall: one lax.scan,
                as ddm samples; XLA computes what does not change between steps, such as the
                sub-pixel kernels, once per call); the peer runs its step --scan_steps times
-Rates are steps per second in every case. MFU counts the FLOPs ddm's arm computes
+Rates are steps per second in every case; each ratio is of the median call times, followed by the
+median over rounds of the ratio within a round (less moved by load that comes and goes). MFU counts the FLOPs ddm's arm computes
 (common.hand_flops), so an arm that computes more (nearest_upsample) shows its rate in ddm's FLOPs.
 --hlo_out writes each arm's optimised HLO.
 """
@@ -118,8 +119,10 @@ def main():
                 print(f"{args.config} {step} {args.dtype} batch {batch:>4} | {name:<16} | {rate:8.3f} steps/s | "
                       f"{flops * rate / 1e12:7.3f} TFLOP/s | MFU {common.mfu_text(flops * rate, args.dtype)} | "
                       f"peak {peak / 2 ** 30 if peak else float('nan'):.2f} GiB", flush=True)
-            print(f"{step} batch {batch}: " + ", ".join(f"ddm / {name} = {rates[0] / rate:.3f}x"
-                                                         for name, rate in zip(names[1:], rates[1:])), flush=True)
+            per_round = lambda j: common.median([b / a for a, b in zip(times[0], times[j])])
+            print(f"{step} batch {batch}: " + ", ".join(
+                f"ddm / {name} = {rates[0] / rate:.3f}x (median of per-round ratios {per_round(j):.3f}x)"
+                for j, (name, rate) in enumerate(zip(names[1:], rates[1:]), start=1)), flush=True)
 
 
 if __name__ == "__main__":
