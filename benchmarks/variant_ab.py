@@ -28,8 +28,9 @@ PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. S
                as ddm samples; XLA computes what does not change between steps, such as the
                sub-pixel kernels, once per call); the peer runs its step --scan_steps times
 Rates are steps per second in every case; each ratio is of the median call times, followed by the
-median over rounds of the ratio within a round (less moved by load that comes and goes). MFU counts the FLOPs ddm's arm computes
-(common.hand_flops), so an arm that computes more (nearest_upsample) shows its rate in ddm's FLOPs.
+median over rounds of the ratio within a round (less moved by load that comes and goes). MFU counts
+the FLOPs ddm's arm computes (common.hand_flops), so an arm that computes more (nearest_upsample)
+shows its rate in ddm's FLOPs.
 --hlo_out writes each arm's optimised HLO.
 """
 import argparse
