@@ -695,7 +695,7 @@ def _winograd_kernel(kernel):
     return jnp.stack([jnp.stack(g(*(r[j] for j in range(3)))) for r in rows]).reshape(16, *kernel.shape[2:])
 
 
-def winograd_conv3x3(x, kernel, dtype):
+def winograd_f2x2_conv3x3(x, kernel, dtype):
     """A 3x3 'SAME' stride-1 conv of x (B, H, W, C), H and W even, with a (3, 3, C, F) kernel (no
     bias), as Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): (B, H, W, F) in ``dtype``.
 
@@ -708,7 +708,7 @@ def winograd_conv3x3(x, kernel, dtype):
     """
     b, height, width, _ = x.shape
     if height % 2 or width % 2:
-        raise ValueError(f"winograd_conv3x3: H={height} and W={width} must be even")
+        raise ValueError(f"winograd_f2x2_conv3x3: H={height} and W={width} must be even")
     u = _winograd_kernel(kernel.astype(jnp.float32)).astype(dtype)
     v = _winograd_input(x.astype(jnp.float32)).astype(dtype)
     m = jnp.einsum("tpc,tcf->tpf", v, u, preferred_element_type=jnp.float32)
@@ -724,7 +724,7 @@ WINOGRAD_MAX_SIZE = 16  # the largest H, W the winograd arm transforms; 32x32 wa
 
 def _winograd_conv_general_dilated(x, kernel, window_strides, padding, **kwargs):
     """nn.Conv's ``lax.conv_general_dilated`` with the stride-1 3x3 'SAME' convs of even H, W at
-    most WINOGRAD_MAX_SIZE as ``winograd_conv3x3`` on CPU (through ``lax.platform_dependent``;
+    most WINOGRAD_MAX_SIZE as ``winograd_f2x2_conv3x3`` on CPU (through ``lax.platform_dependent``;
     XLA's own elsewhere and for every other conv)."""
     direct = lambda x, k: lax.conv_general_dilated(x, k, window_strides, padding, **kwargs)
     height, width = x.shape[1:3]
@@ -732,12 +732,12 @@ def _winograd_conv_general_dilated(x, kernel, window_strides, padding, **kwargs)
             or kwargs.get("feature_group_count", 1) != 1 or height % 2 or width % 2
             or max(height, width) > WINOGRAD_MAX_SIZE):
         return direct(x, kernel)
-    return lax.platform_dependent(x, kernel, cpu=lambda x, k: winograd_conv3x3(x, k, x.dtype), default=direct)
+    return lax.platform_dependent(x, kernel, cpu=lambda x, k: winograd_f2x2_conv3x3(x, k, x.dtype), default=direct)
 
 
 def winograd_small_convs():
     """While active, ddm.unet runs its stride-1 3x3 convs of at most 16x16 as Winograd F(2x2, 3x3)
-    on CPU (``winograd_conv3x3``; measured and not adopted). Trace (lower) the step inside the block."""
+    on CPU (``winograd_f2x2_conv3x3``; measured and not adopted). Trace (lower) the step inside the block."""
     return _conv_module_with(_winograd_conv_general_dilated)
 
 
@@ -790,11 +790,20 @@ def einsum_heads():
     return _swapped(unet, "multi_head_attention", attention)
 
 
+def direct_convs():
+    """While active, ddm.unet runs every conv as XLA's direct convolution (``lax.conv_general_dilated``),
+    in place of ``unet._conv_general_dilated``'s Winograd F(4, 3) for the 3x3 stride-1 convs on CPU.
+    Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet, "_conv_general_dilated", lax.conv_general_dilated)
+
+
 # The variants a benchmark arm can name (variant_ab.py), each a context manager to trace inside.
 VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
-            "winograd": winograd_small_convs, "threefry_dropout": threefry_dropout,
-            "einsum_heads": einsum_heads}
+            "winograd_2d": winograd_small_convs, "threefry_dropout": threefry_dropout,
+            "einsum_heads": einsum_heads, "direct_convs": direct_convs}
 
 
 @contextlib.contextmanager

@@ -14,8 +14,10 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
   nearest_upsample  the upsampling convs as 3x3 convs over the upsampled image, in place of
                     ddm.unet.upsample_conv's four 2x2 sub-pixel convs over the input
   wgrad_taps        kernel gradients as per-tap matmuls on CPU (measured and not adopted)
-  winograd          the stride-1 3x3 convs of at most 16x16 as Winograd F(2x2, 3x3) on CPU
-                    (common.winograd_conv3x3; measured and not adopted)
+  winograd_2d       the stride-1 3x3 convs of at most 16x16 as 2-D Winograd F(2x2, 3x3) on CPU
+                    (common.winograd_f2x2_conv3x3; measured and not adopted)
+  direct_convs      every conv as XLA's direct convolution, in place of ddm.unet's Winograd F(4, 3)
+                    along W (ddm.unet.winograd_conv3x3) for the float32 stride-1 3x3 convs on CPU
   threefry_dropout  flax's nn.Dropout (jax.random.bernoulli's threefry bits per element) in place of
                     ddm.unet.Dropout (masks hashed from the element index under a per-mask seed)
   einsum_heads      attention with the heads as an einsum axis, in place of

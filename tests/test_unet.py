@@ -1,5 +1,6 @@
 """Tests for ddm.unet: DDPM's parameter count, shapes and dtypes of every option, dropout,
-conditioning on t and y, DDPM's zero-init, per-example independence, and the config errors."""
+conditioning on t and y, DDPM's zero-init, per-example independence, the config errors, and the
+Winograd convs of CPU."""
 import functools
 import math
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddm.unet import Dropout, UNet, dropout_keep_mask, timestep_embedding
+from ddm import unet
+from ddm.unet import Dropout, UNet, dropout_keep_mask, timestep_embedding, winograd_conv3x3
 
 # A tiny network: levels of 8x8 and 4x4 feature maps, attention at 4x4.
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
@@ -303,3 +305,74 @@ def test_up_resblock_matches_upsampling_the_image_then_a_conv(monkeypatch):
     reference = forward()
     assert float(jnp.abs(reference).mean()) > 1e-2
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def _direct_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_winograd_matrices_compute_four_outputs_of_a_3_tap_correlation():
+    rng = np.random.default_rng(0)
+    bt, g, at = (np.array(m, np.float64) for m in (unet.WINOGRAD_BT, unet.WINOGRAD_G, unet.WINOGRAD_AT))
+    for _ in range(5):
+        d, taps = rng.standard_normal(6), rng.standard_normal(3)
+        expected = [sum(d[i + j] * taps[j] for j in range(3)) for i in range(4)]
+        np.testing.assert_allclose(at @ ((g @ taps) * (bt @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, features", [((2, 5, 8, 3), 7), ((2, 16, 16, 16), 16), ((1, 3, 32, 8), 4)])
+def test_winograd_conv3x3_and_its_gradients_match_xla_conv(shape, features):
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], features)) / 3
+    g = jax.random.normal(kg, shape[:3] + (features,))
+    y, vjp = jax.vjp(jax.jit(winograd_conv3x3), x, kernel)
+    y_ref, vjp_ref = jax.vjp(_direct_conv, x, kernel)
+    for ours, ref in [(y, y_ref), *zip(vjp(g), vjp_ref(g))]:
+        assert ours.shape == ref.shape
+        scale = float(jnp.max(jnp.abs(ref)))
+        assert scale > 0.1 and float(jnp.max(jnp.abs(ours - ref))) < 1e-5 * scale
+
+
+def test_winograd_conv3x3_rejects_a_width_not_a_multiple_of_4():
+    with pytest.raises(ValueError, match=r"W \(here 6\) a multiple of 4"):
+        winograd_conv3x3(jnp.zeros((1, 4, 6, 2)), jnp.zeros((3, 3, 2, 2)))
+
+
+def _exported_convs(x, kernel, platform, stride=1):
+    """The kernel shapes of the convolutions ``unet._conv_general_dilated`` lowers to on ``platform``."""
+    import re
+
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    f = lambda x, k: unet._conv_general_dilated(x, k, (stride, stride), "SAME", dimension_numbers=dn)
+    text = jax.export.export(jax.jit(f), platforms=[platform])(x, kernel).mlir_module()
+    return re.findall(r"stablehlo.convolution.*, tensor<(\w+)>\) -> ", text)
+
+
+def test_unet_convs_are_winograd_on_cpu_only_for_wide_float32_stride_1_3x3():
+    x, kernel = jnp.ones((2, 16, 16, 4)), jnp.ones((3, 3, 4, 5))
+    assert _exported_convs(x, kernel, "cpu") == ["3x1x4x5xf32"] * 6  # one 3x1 conv (over H) per product
+    assert _exported_convs(x, kernel, "cuda") == ["3x3x4x5xf32"]  # accelerators keep XLA's conv
+    assert _exported_convs(x, kernel, "cpu", stride=2) == ["3x3x4x5xf32"]
+    assert _exported_convs(x[:, :, :8], kernel, "cpu") == ["3x3x4x5xf32"]  # under WINOGRAD_MIN_WIDTH
+    bf16 = _exported_convs(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), "cpu")
+    assert bf16 == ["3x3x4x5xbf16"]
+    assert _exported_convs(x[..., :2], jnp.ones((1, 1, 2, 5)), "cpu") == ["1x1x2x5xf32"]
+
+
+def test_unet_with_winograd_convs_matches_xla_convs_with_gradients(monkeypatch):
+    from jax.flatten_util import ravel_pytree
+
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+    x, t = _inputs(batch=2, size=16)
+    params = _random_params(model, x, t)
+
+    def value_and_grads():  # a new function per call: jit must trace the convs again
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, x, t, train=False) ** 2)))(params)
+
+    value, grads = value_and_grads()
+    monkeypatch.setattr(unet, "_conv_general_dilated", jax.lax.conv_general_dilated)
+    value_ref, grads_ref = value_and_grads()
+    assert float(value_ref) > 1e-3 and abs(float(value) - float(value_ref)) < 1e-5 * float(value_ref)
+    ours, ref = ravel_pytree(grads)[0], ravel_pytree(grads_ref)[0]
+    assert float(jnp.max(jnp.abs(ours - ref))) < 1e-5 * float(jnp.max(jnp.abs(ref)))
