@@ -66,7 +66,7 @@ WINOGRAD_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
 WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
               (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
-WINOGRAD_MIN_WIDTH = 16  # narrower images keep XLA's conv: at 8x8 the train step's layer was slower
+WINOGRAD_MIN_WIDTH = 16  # narrower images keep XLA's conv: with the 8x8 ones too, the sampling step was 0.97x
 
 
 def _linear_combination(coefficients, terms):
@@ -97,10 +97,14 @@ def _winograd_w(x, kernel):
     return y.reshape(batch, height, width, -1)
 
 
+def _direct_conv3x3(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 @jax.custom_vjp
 def winograd_conv3x3(x, kernel):
     """A 3x3 'SAME' stride-1 conv of x (B, H, W, C), W a multiple of 4, with a (3, 3, C, F) kernel
-    (no bias): (B, H, W, F), as Winograd's F(4, 3) along W.
+    (no bias): (B, H, W, F), as Winograd's F(4, 3) along W where it is not differentiated.
 
     Each row of 4 output pixels is A^T [(G g) * (B^T d)] of the 6 input columns d around it, per
     kernel row: 6 convs of a 3x1 kernel (over H) on the transformed columns, one per product, so
@@ -108,22 +112,19 @@ def winograd_conv3x3(x, kernel):
     transforms are sums of strided slices. Float32 error is about 2e-6 of the output's scale (XLA's
     direct conv: about 5e-7).
 
-    Gradients: the input gradient is the same conv of the output gradient with the kernel flipped
-    and its channel axes swapped, also by Winograd; the kernel gradient is XLA's own.
+    Differentiated (a train step), the forward and both gradients are XLA's direct conv's: on 2 CPU
+    cores the train step was no faster with Winograd forward and input gradient (DDPM 1.01x, IDDPM
+    0.95x; benchmarks/variant_ab.py --arms ddm,direct_convs), while sampling was 1.16x to 1.21x.
     """
     return _winograd_w(x, kernel)
 
 
 def _winograd_fwd(x, kernel):
-    return _winograd_w(x, kernel), (x, kernel)
+    return _direct_conv3x3(x, kernel), (x, kernel)
 
 
 def _winograd_bwd(residuals, g):
-    x, kernel = residuals
-    dx = _winograd_w(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    dkernel = jax.vjp(lambda k: jax.lax.conv_general_dilated(
-        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)[1](g)[0]
-    return dx, dkernel
+    return jax.vjp(_direct_conv3x3, *residuals)[1](g)
 
 
 winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
@@ -132,9 +133,10 @@ winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
 def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                           dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` as nn.Conv calls it, with the float32 stride-1 3x3 'SAME' convs
-    of images at least WINOGRAD_MIN_WIDTH wide (a multiple of 4) run as ``winograd_conv3x3`` on CPU,
-    where XLA's direct conv is matmul-bound and Winograd halves its multiply-adds (through
-    ``lax.platform_dependent``: accelerators, and every other conv, keep XLA's own)."""
+    of images at least WINOGRAD_MIN_WIDTH wide (a multiple of 4) run as ``winograd_conv3x3`` on CPU
+    (Winograd where not differentiated), where XLA's direct conv is matmul-bound and Winograd halves
+    its multiply-adds (through ``lax.platform_dependent``: accelerators, and every other conv, keep
+    XLA's own)."""
     direct = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -152,8 +154,8 @@ def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
 
 def _conv(features: int, dtype, *, kernel: int = 3, stride: int = 1, zero: bool = False,
           name: Optional[str] = None):
-    """A kxk 'SAME' conv (TF padding, so a stride-2 conv pads one pixel right and bottom); the
-    float32 3x3 stride-1 ones run as Winograd F(4, 3) on CPU (``_conv_general_dilated``)."""
+    """A kxk 'SAME' conv (TF padding, so a stride-2 conv pads one pixel right and bottom); on CPU the
+    float32 3x3 stride-1 ones run as Winograd F(4, 3) where not differentiated (``_conv_general_dilated``)."""
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                    kernel_init=_kernel_init(zero), bias_init=nn.initializers.zeros,
                    dtype=dtype, param_dtype=jnp.float32, name=name, conv_general_dilated=_conv_general_dilated)
