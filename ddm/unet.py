@@ -81,7 +81,7 @@ def _linear_combination(coefficients, terms):
 
 
 def _winograd_w(x, kernel):
-    """The forward of ``winograd_conv3x3`` (see there)."""
+    """``winograd_conv3x3``'s value, by Winograd (see there)."""
     batch, height, width, _ = x.shape
     if width % 4 or kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_conv3x3: needs W (here {width}) a multiple of 4 and a 3x3 kernel "
@@ -141,13 +141,14 @@ def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
                                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                                precision=precision, **kwargs)
+    if x.ndim != 4 or kernel.shape[:2] != (3, 3):
+        return direct(x, kernel)
     nhwc = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    width = x.shape[2] if x.ndim == 4 else 0
-    if (x.ndim != 4 or kernel.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or padding != "SAME"
-            or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ())) or feature_group_count != 1
-            or kwargs or jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers) != nhwc
+    if (tuple(window_strides) != (1, 1) or padding != "SAME" or feature_group_count != 1 or kwargs
+            or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+            or jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers) != nhwc
             or x.dtype != jnp.float32 or kernel.dtype != jnp.float32
-            or width % 4 or width < WINOGRAD_MIN_WIDTH):
+            or x.shape[2] % 4 or x.shape[2] < WINOGRAD_MIN_WIDTH):
         return direct(x, kernel)
     return jax.lax.platform_dependent(x, kernel, cpu=winograd_conv3x3, default=direct)
 

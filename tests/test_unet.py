@@ -358,6 +358,10 @@ def test_unet_convs_are_winograd_on_cpu_only_for_wide_float32_stride_1_3x3():
     bf16 = _exported_convs(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), "cpu")
     assert bf16 == ["3x3x4x5xbf16"]
     assert _exported_convs(x[..., :2], jnp.ones((1, 1, 2, 5)), "cpu") == ["1x1x2x5xf32"]
+    # a 1-D conv goes to XLA as it is
+    dn = jax.lax.conv_dimension_numbers((2, 16, 4), (3, 4, 5), ("NWC", "WIO", "NWC"))
+    y = unet._conv_general_dilated(jnp.ones((2, 16, 4)), jnp.ones((3, 4, 5)), (1,), "SAME", dimension_numbers=dn)
+    assert y.shape == (2, 16, 5) and float(y[0, 0, 0]) == 8.0  # 2 taps x 4 channels at the edge
 
 
 def test_winograd_conv3x3_is_differentiated_as_xla_conv():
