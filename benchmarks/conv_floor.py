@@ -8,9 +8,9 @@ over the network, next to the full steps of ddm and diffusers, all in one run.
 The convolutions are read from the jaxpr of the U-Net's forward (shapes, kernel, strides, padding),
 as the model defines them, and timed as XLA's direct convolutions: ddm's sampling step runs the
 float32 stride-1 3x3 ones of 16 pixels and wider as Winograd F(4, 3) on CPU
-(``ddm.unet.winograd_conv3x3``), which can take it under this floor; its train step runs these. XLA runs all of them in one jitted program (each use on its own
-input); PyTorch runs ``F.conv2d`` on each in turn (NCHW, as diffusers runs it; symmetric padding
-1); the two sides are interleaved over --rounds rounds, median per call. The table above the
+(``ddm.unet.winograd_conv3x3``), which can take it under this floor; its train step runs these.
+XLA runs all of them in one jitted program (each use on its own input); PyTorch runs
+``F.conv2d`` on each in turn (NCHW, as diffusers runs it; symmetric padding 1); the two sides are interleaved over --rounds rounds, median per call. The table above the
 totals times each distinct convolution on its own, to show where either side is faster. The
 input gradient of the first convolution (the noisy image) is computed too although neither
 train step needs it. "conv floor" is the time of all the convolutions; "rest" is the full step
