@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from ddm import experiment
@@ -799,11 +800,20 @@ def direct_convs():
     return _swapped(unet, "_conv_general_dilated", lax.conv_general_dilated)
 
 
+def optax_clip():
+    """While active, ddm.train.make_optimizer clips with ``optax.clip_by_global_norm`` (a select and a
+    divide per element, materialised) in place of ``train.clip_by_global_norm`` (a multiply by one
+    scalar, fused into Adam). Build the optimizer and trace the step inside the block."""
+    from ddm import train
+
+    return _swapped(train, "clip_by_global_norm", optax.clip_by_global_norm)
+
+
 # The variants a benchmark arm can name (variant_ab.py), each a context manager to trace inside.
 VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
             "winograd_2d": winograd_small_convs, "threefry_dropout": threefry_dropout,
-            "einsum_heads": einsum_heads, "direct_convs": direct_convs}
+            "einsum_heads": einsum_heads, "direct_convs": direct_convs, "optax_clip": optax_clip}
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     ddm.unet.Dropout (masks hashed from the element index under a per-mask seed)
   einsum_heads      attention with the heads as an einsum axis, in place of
                     ddm.unet.multi_head_attention's heads in the batch axis (--num_heads 4 to see heads)
+  optax_clip        optax.clip_by_global_norm (a select and a divide per element, materialised) in
+                    place of ddm.train.clip_by_global_norm (one scalar multiply, fused into Adam)
 --arms ddm alone gives MFU and memory against batch size. --peer adds diffusers' UNet2DModel in
 PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. Steps:
   train        the train call of K steps (unrolled and not donated on CPU, as experiment.train)

@@ -302,3 +302,15 @@ def test_winograd_f2x2_conv3x3_is_the_3x3_conv_and_the_arm_keeps_the_unet_output
     assert winograd.as_text().count(" convolution(") == 1 + 4  # the downsampling conv, 4 sub-pixel phases
     assert plain.as_text().count(" convolution(") > 5
     np.testing.assert_allclose(winograd(params), plain(params), rtol=1e-5, atol=1e-5)
+
+
+def test_optax_clip_arm_swaps_the_clip_only_inside_the_block():
+    from ddm import train
+
+    grads, params = {"w": jnp.array([30.0, 40.0])}, {"w": jnp.zeros(2)}
+    jaxpr = lambda: str(jax.make_jaxpr(lambda g: train.make_optimizer(1e-3, 0, 1.0).update(g, state, params))(grads))
+    state = train.make_optimizer(1e-3, 0, 1.0).init(params)
+    clip_select = "f32[2] = select_n"  # optax: a per-element select of g or g / norm * max_norm
+    with common.VARIANTS["optax_clip"]():
+        assert clip_select in jaxpr() and "min 1.0" not in jaxpr()
+    assert clip_select not in jaxpr() and "f32[] = min 1.0" in jaxpr()  # ddm: g * min(1, max_norm / norm)
