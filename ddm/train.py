@@ -4,7 +4,6 @@ the parameters, the diffusion loss, and K steps per host call under ``jax.pmap``
 Parallelism lives here (and in ``make_sample_fn``): ``pmap`` over local devices with axis name
 ``"batch"``; gradients, metrics and the timestep sampler's (t, loss) pairs cross devices.
 """
-import functools
 from typing import Any, Callable
 
 import flax
