@@ -48,8 +48,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     XLA fuses that multiply into Adam's two moment updates, where optax's per-element select and
     divide is materialised as a pass of its own: the DDPM CIFAR-10 update (clip, Adam, EMA) reads and
     writes 2.0 GB instead of 2.6 GB (XLA's cost analysis), 14 passes over the 35.7M parameters instead
-    of 18; on 2 CPU cores it took 104 ms instead of 116 ms, about 0.6% of the train step
-    (``benchmarks/variant_ab.py --steps train --arms ddm,optax_clip``).
+    of 18. On 2 CPU cores the update alone took 104 ms instead of 116 ms, about 0.6% of the train step,
+    which ``benchmarks/variant_ab.py --steps train --arms ddm,optax_clip`` times whole.
     """
 
     def update_fn(updates, state, params=None):
