@@ -809,11 +809,21 @@ def optax_clip():
     return _swapped(train, "clip_by_global_norm", optax.clip_by_global_norm)
 
 
+def dense_4d():
+    """While active, ddm.unet's dense layers contract (B, H, W, C) inputs with ``lax.dot_general`` as
+    nn.Dense does by default, in place of ``unet._matmul_last_axis``'s one 2-D matmul of the flattened
+    input. Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet, "_matmul_last_axis", lax.dot_general)
+
+
 # The variants a benchmark arm can name (variant_ab.py), each a context manager to trace inside.
 VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
             "winograd_2d": winograd_small_convs, "threefry_dropout": threefry_dropout,
-            "einsum_heads": einsum_heads, "direct_convs": direct_convs, "optax_clip": optax_clip}
+            "einsum_heads": einsum_heads, "direct_convs": direct_convs, "optax_clip": optax_clip,
+            "dense_4d": dense_4d}
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     ddm.unet.multi_head_attention's heads in the batch axis (--num_heads 4 to see heads)
   optax_clip        optax.clip_by_global_norm (a select and a divide per element, materialised) in
                     place of ddm.train.clip_by_global_norm (one scalar multiply, fused into Adam)
+  dense_4d          dense layers on (B, H, W, C) as lax.dot_general's 4-D contraction, in place of
+                    ddm.unet._matmul_last_axis's one 2-D matmul (whose kernel gradient reads dy in place)
 --arms ddm alone gives MFU and memory against batch size. --peer adds diffusers' UNet2DModel in
 PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. Steps:
   train        the train call of K steps (unrolled and not donated on CPU, as experiment.train)

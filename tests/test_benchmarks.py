@@ -314,3 +314,13 @@ def test_optax_clip_arm_swaps_the_clip_only_inside_the_block():
     with common.VARIANTS["optax_clip"]():
         assert clip_select in jaxpr() and "min 1.0" not in jaxpr()
     assert clip_select not in jaxpr() and "f32[] = min 1.0" in jaxpr()  # ddm: g * min(1, max_norm / norm)
+
+
+def test_dense_4d_arm_swaps_the_dense_contraction_only_inside_the_block():
+    from ddm import unet
+
+    x = jnp.ones((2, 4, 4, 8))
+    jaxpr = lambda: str(jax.make_jaxpr(lambda x: unet._dense(3, jnp.float32).init_with_output(jax.random.key(0), x)[0])(x))
+    with common.VARIANTS["dense_4d"]():
+        assert "f32[2,4,4,3] = dot_general" in jaxpr()  # the 4-D contraction
+    assert "f32[32,3] = dot_general" in jaxpr()  # ddm: (B*H*W, C) x (C, F)

@@ -3,6 +3,7 @@ conditioning on t and y, DDPM's zero-init, per-example independence, the config 
 Winograd convs of CPU."""
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -397,3 +398,38 @@ def test_unet_with_winograd_convs_matches_xla_convs_and_trains_with_them(monkeyp
     assert float(value_ref) > 1e-3 and value == value_ref
     ours, ref = ravel_pytree(grads)[0], ravel_pytree(grads_ref)[0]
     assert float(jnp.max(jnp.abs(ours - ref))) <= 1e-6 * float(jnp.max(jnp.abs(ref)))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (2, 4, 6, 7)])
+def test_matmul_last_axis_is_lax_dot_general(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernel = jax.random.normal(jax.random.key(1), (7, 3))
+    numbers = (((len(shape) - 1,), (0,)), ((), ()))
+    expected = jax.lax.dot_general(x, kernel, numbers, precision="highest")
+    np.testing.assert_allclose(unet._matmul_last_axis(x, kernel, numbers, precision="highest"), expected, rtol=1e-6)
+    transposed = (((0,), (0,)), ((), ()))  # any other contraction falls through to lax
+    np.testing.assert_array_equal(unet._matmul_last_axis(x.reshape(7, -1), kernel, transposed),
+                                  jax.lax.dot_general(x.reshape(7, -1), kernel, transposed))
+
+
+def test_dense_kernel_gradient_reads_its_output_gradient_once_in_place(monkeypatch):
+    """A NIN shortcut's output gradient, sliced from a wider cheap elementwise producer (as the up
+    path's concatenated skips give it), feeds the input gradient and the kernel gradient. As one 2-D
+    matmul both dots read one (B*H*W, F) buffer; as lax's 4-D contraction over (B, H, W), XLA:CPU adds
+    a transposed (F, B*H*W) copy of it with the producer recomputed inside."""
+    x, a = jnp.ones((2, 8, 8, 24)), jnp.ones((2, 8, 8, 32))
+
+    def fusion_shapes():  # the 2-D fusions of the compiled gradients, with _dense built as it is now
+        dense = unet._dense(16, jnp.float32)
+        params = dense.init(jax.random.key(0), x)
+
+        def grads(params, x, a, b):
+            _, vjp = jax.vjp(lambda p, x: dense.apply(p, x), params, x)
+            return vjp((a * b - a)[..., :16])
+
+        hlo = jax.jit(grads).lower(params, x, a, a).compile().as_text()
+        return sorted(re.findall(r"= f32\[(\d+,\d+)\]\{[\d,]+\} fusion", hlo[hlo.index("ENTRY"):]))
+
+    assert fusion_shapes() == ["128,16"]  # dy once, in place, (B*H*W, F)
+    monkeypatch.setattr(unet, "_matmul_last_axis", jax.lax.dot_general)
+    assert fusion_shapes() == ["128,16", "16,128"]  # lax: dy again, transposed
