@@ -39,8 +39,13 @@ median over rounds of the ratio within a round (less moved by load that comes an
 the FLOPs ddm's arm computes (common.hand_flops), so an arm that computes more (nearest_upsample)
 shows its rate in ddm's FLOPs.
 --hlo_out writes each arm's optimised HLO.
+--xla_options NAME=JSON (repeatable) adds an arm NAME: ddm as it is, compiled with those XLA compile
+options (``Lowered.compile(compiler_options=...)``), e.g.
+    --xla_options 'no_cmd_buffer={"xla_gpu_enable_command_buffer": ""}'
+An option that XLA rejects (unknown name, bad value) is printed and its arm left out.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -93,11 +98,17 @@ def main():
     parser.add_argument("--arms", default="ddm,flax_group_norm", help=f"from {', '.join(common.VARIANTS)}")
     parser.add_argument("--peer", action="store_true", help="add diffusers in PyTorch")
     parser.add_argument("--hlo_out", default="")
+    parser.add_argument("--xla_options", action="append", default=[], metavar="NAME=JSON",
+                        help="an arm NAME: ddm compiled with these XLA compile options (a JSON object)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = [arm for arm in arms if arm not in common.VARIANTS]
     if unknown or not arms or arms[0] != "ddm":
         parser.error(f"--arms: {args.arms!r} must start with ddm and name only {', '.join(common.VARIANTS)}")
+    try:
+        options = parse_xla_options(args.xla_options, arms)
+    except ValueError as e:
+        parser.error(f"--xla_options: {e}")
     steps = args.steps.split(",")
     if set(steps) - {"train", "sample", "sample_scan"}:
         parser.error(f"--steps: {args.steps!r} may name only train, sample and sample_scan")
@@ -105,16 +116,22 @@ def main():
     for step in steps:
         per_call = {"train": args.k, "sample_scan": args.scan_steps}.get(step, 1)  # steps per timed call
         for batch in map(int, args.batches.split(",")):
-            runners = []
-            for arm in arms:
-                call = ddm_call(step, arm, args, batch)
-                runners.append(call.ready())
+            runners, names = [], []
+            for arm, compiler_options in [(arm, None) for arm in arms] + list(options.items()):
+                call = ddm_call(step, arm if compiler_options is None else "ddm", args, batch)
+                try:
+                    runners.append(call.ready(compiler_options))
+                except Exception as e:  # noqa: BLE001 - XLA's error for an option it does not take
+                    print(f"  left out {arm}: XLA did not compile with {compiler_options}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}", flush=True)
+                    continue
+                names.append(arm)
                 if args.hlo_out:
                     os.makedirs(args.hlo_out, exist_ok=True)
                     with open(os.path.join(args.hlo_out, f"{step}_{arm}_{args.dtype}_b{batch}.hlo.txt"), "w") as f:
                         f.write(call.compiled.as_text())
                 print(f"  compiled {step} {arm} at batch {batch} in {call.compile_s:.0f} s", flush=True)
-            names = list(arms)
+            ours = len(names)
             if args.peer:
                 runners.append(peer_call(step, args, batch, runners[0]))
                 names.append("diffusers")
@@ -123,7 +140,7 @@ def main():
             flops = common.hand_flops(runners[0].model, runners[0].image_shape, batch)
             flops = flops["train"] if step == "train" else flops["forward"]  # per step
             for i, (name, rate) in enumerate(zip(names, rates)):
-                peak = common.peak_bytes(runners[i].compiled).get("peak") if i < len(arms) else None
+                peak = common.peak_bytes(runners[i].compiled).get("peak") if i < ours else None
                 print(f"{args.config} {step} {args.dtype} batch {batch:>4} | {name:<16} | {rate:8.3f} steps/s | "
                       f"{flops * rate / 1e12:7.3f} TFLOP/s | MFU {common.mfu_text(flops * rate, args.dtype)} | "
                       f"peak {peak / 2 ** 30 if peak else float('nan'):.2f} GiB", flush=True)
@@ -131,6 +148,25 @@ def main():
             print(f"{step} batch {batch}: " + ", ".join(
                 f"ddm / {name} = {rates[0] / rate:.3f}x (median of per-round ratios {per_round(j):.3f}x)"
                 for j, (name, rate) in enumerate(zip(names[1:], rates[1:]), start=1)), flush=True)
+
+
+def parse_xla_options(specs, arms) -> dict:
+    """{arm name: XLA compile options} from 'NAME=JSON' specs (ValueError naming the bad spec)."""
+    parsed = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{spec!r} is not NAME=JSON, e.g. 'no_cmd_buffer={{\"xla_gpu_enable_command_buffer\": \"\"}}'")
+        if name in arms or name in parsed:
+            raise ValueError(f"{spec!r}: the arm name {name!r} is taken; choose another")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{spec!r}: the options are not JSON ({e})") from None
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"{spec!r}: the options must be a non-empty JSON object of option: value")
+        parsed[name] = value
+    return parsed
 
 
 if __name__ == "__main__":
