@@ -19,7 +19,9 @@
 3. Peak memory of each executable from memory_analysis() (arguments + outputs + temporaries -
    donated), and the device's peak_bytes_in_use where the backend reports it.
 4. With --peer (needs torch with CUDA, diffusers): diffusers' UNet2DModel train step (autocast for
-   bf16) at the same batch, and its one-step sampling time, for ratios ours / peer.
+   bf16) at the same batch, and its one-step sampling time, and the ratios ours / peer. After the
+   JAX checks the peer runs in a process of its own (JAX's allocator keeps the memory it grew to;
+   in one process PyTorch ran out of memory on an 80 GiB H100).
 
 Steps that would start after --budget_s seconds are skipped and listed as skipped. Results go to
 --out (JSON) and a text table next to it (same name, .txt).
@@ -27,6 +29,7 @@ Steps that would start after --budget_s seconds are skipped and listed as skippe
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -136,6 +139,32 @@ def peer_check(args, overrides, results):
               flush=True)
 
 
+def peer_in_child(args, results):
+    """The peer in a process of its own: JAX's allocator keeps what the train and sampling checks
+    grew it to (on an 80 GiB H100 that left PyTorch under 1 GiB: out of memory at batch 128)."""
+    out = os.path.splitext(args.out)[0] + "_peer.json"
+    argv = [sys.executable, os.path.abspath(__file__), "--peer", "--checks", "peer", "--out", out]
+    for name in ("batch", "k", "train_calls", "dtypes", "ddim_steps", "sample_batch"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    subprocess.run(argv + (["--smoke"] if args.smoke else []), check=True)
+    with open(out) as f:
+        child = json.load(f)
+    results["rows"] += child["rows"]
+    results["skipped"] += child["skipped"]
+
+
+def ratio_lines(rows) -> list:
+    """'ours / peer' per dtype for the train step (steps/s) and DDIM sampling (samples/s)."""
+    lines = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        get = lambda peer, key: next((r[key] for r in rows if r["dtype"] == dtype
+                                      and r["what"].startswith("PEER") == peer and key in r), None)
+        pairs = (("train steps/s", get(False, "steps_per_s"), get(True, "steps_per_s")),
+                 ("DDIM samples/s", get(False, "samples_per_s"), get(True, "samples_per_s_for_ddim_steps")))
+        lines += [f"ours / peer, {what}, {dtype}: {ours / peer:.2f}x" for what, ours, peer in pairs if ours and peer]
+    return [""] + lines if lines else []
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny U-Net (ch 32), small batches: a CPU check")
@@ -151,6 +180,9 @@ def main():
     parser.add_argument("--num_samples", type=int, default=50_000)
     parser.add_argument("--sample_all", action="store_true", help="run all num_samples instead of extrapolating")
     parser.add_argument("--peer", action="store_true", help="also time diffusers (torch + CUDA)")
+    parser.add_argument("--checks", default="train,sample,peer",
+                        help="which of train, sample, peer to run (peer only with --peer); run the peer alone in "
+                             "its own process where JAX's allocator would leave it too little memory")
     args = parser.parse_args()
     overrides = {}
     if args.smoke:
@@ -162,10 +194,18 @@ def main():
     results = {"machine": common.machine_line(), "args": vars(args), "rows": [], "skipped": [],
                "model_overrides": overrides}
     print(results["machine"], flush=True)
-    tasks = [(f"train {d}", lambda d=d: train_check(args, d, overrides, results)) for d in args.dtypes.split(",")]
-    tasks += [(f"sample {d}", lambda d=d: sample_check(args, d, overrides, results)) for d in args.dtypes.split(",")]
-    if args.peer:
-        tasks.append(("peer", lambda: peer_check(args, overrides, results)))
+    checks = args.checks.split(",")
+    if set(checks) - {"train", "sample", "peer"}:
+        parser.error(f"--checks: {args.checks!r} may name only train, sample and peer")
+    tasks = [(f"train {d}", lambda d=d: train_check(args, d, overrides, results))
+             for d in args.dtypes.split(",") if "train" in checks]
+    tasks += [(f"sample {d}", lambda d=d: sample_check(args, d, overrides, results))
+              for d in args.dtypes.split(",") if "sample" in checks]
+    if args.peer and "peer" in checks:
+        if checks == ["peer"]:
+            tasks.append(("peer", lambda: peer_check(args, overrides, results)))
+        else:
+            tasks.append(("peer", lambda: peer_in_child(args, results)))
     for name, task in tasks:
         elapsed = time.perf_counter() - start
         if elapsed > args.budget_s:
@@ -189,6 +229,7 @@ def main():
         extra = f"; MFU {r['mfu']}" if "mfu" in r else ""
         lines.append(f"{r['what']:<40} | {r['dtype']:<8} | {main_value}{extra}"
                      + (f" | memory peak {gib(mem)}" if mem else ""))
+    lines += ratio_lines(results["rows"])
     if results["skipped"]:
         lines += ["", "skipped / failed:"] + [f"  {s}" for s in results["skipped"]]
     lines.append(f"\ntotal {results['total_s']:.0f} s")

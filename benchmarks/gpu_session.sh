@@ -14,6 +14,11 @@
 #
 # SMOKE=1 runs the same stages on a tiny U-Net (ch 32, batch 4; gpu_check --smoke): a CPU check of
 # the script itself.
+# On an H100 (jax 0.11.2, 2026-11-28) the stages took 255 s (gpu_check; its peer ran out of memory
+# in the same process then, and now runs in one of its own, 31 s more), 54 s (profile) and 192 s
+# (arms: five compiles of 27 to 35 s, the ddm arm's 4 s from the cache): each stage's start
+# threshold below is that time. All four need about 10 minutes, one device call's limit, so give
+# BUDGET_S as what the lease leaves; the stages run in order of what they are worth.
 # OUT_DIR gets summary.txt (each stage's exit status and the time it ended) and one log per stage.
 # Compiles are shared between stages through JAX's persistent cache (the K=1 train call of the
 # profile, arms and xla stages is the same program).
@@ -45,12 +50,12 @@ stage() {  # stage NAME SECONDS_NEEDED COMMAND...
   "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 } | tee "$out/summary.txt"
 
-stage gpu_check 200 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"
-stage profile 40 "$py" "$here/profile_steps.py" --steps train --batch $batch --dtype bfloat16 --calls 3 --top 25 \
+stage gpu_check 290 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"
+stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --dtype bfloat16 --calls 3 --top 25 \
   --trace_dir /tmp/ddm_profile "${small[@]}"
-stage arms 90 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 1 --calls 10 \
+stage arms 200 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 1 --calls 10 \
   --arms ddm,dense_4d,threefry_dropout,optax_clip,nearest_upsample "${small[@]}"
-stage xla 60 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 1 --calls 10 --arms ddm "${small[@]}" \
+stage xla 150 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 1 --calls 10 --arms ddm "${small[@]}" \
   --xla_options 'no_command_buffer={"xla_gpu_enable_command_buffer": ""}' \
   --xla_options 'no_triton_gemm={"xla_gpu_enable_triton_gemm": false}' \
   --xla_options 'cudnn_gemm_fusion={"xla_gpu_cudnn_gemm_fusion_level": 2}'

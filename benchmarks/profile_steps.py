@@ -124,12 +124,13 @@ def profile(call, label, trace_dir, calls, top):
     wall = (time.perf_counter() - start) / calls
     totals, source = trace_ops(trace_dir)
     op_total = sum(totals.values())
-    print(f"\n{label}: {wall:.2f} s per call (wall, inside the trace); XLA op time summed over threads "
-          f"{op_total / 1e6 / calls:.2f} s per call; {len(totals)} distinct ops; counted: {source}")
+    print(f"\n{label}: {wall * 1e3:.1f} ms per call (wall, inside the trace, the tracer's own work included); "
+          f"XLA op time summed over threads {op_total / 1e3 / calls:.1f} ms per call; {len(totals)} distinct ops; "
+          f"counted: {source}")
     if jax.default_backend() == "cpu":
         # XLA:CPU's own (Eigen) convolutions run without trace events of their own; YNNPACK's do.
         print(f"not traced as ops (wall - summed op time; on CPU mostly XLA's own convolutions): "
-              f"{max(wall - op_total / 1e6 / calls, 0.0):.2f} s per call")
+              f"{max(wall - op_total / 1e6 / calls, 0.0) * 1e3:.1f} ms per call")
     print(f"{'share':>6} | {'ms/call':>8} | {'op':<34} | what")
     for name, us in totals.most_common(top):
         what = summaries.get(name, summaries.get(name.split(":")[0], ""))
@@ -137,7 +138,7 @@ def profile(call, label, trace_dir, calls, top):
     kinds = collections.Counter()
     for name, us in totals.items():
         kinds[op_kind(name, summaries.get(name, ""))] += us
-    print("by kind (share, s per call): " + ", ".join(f"{k} {100 * v / op_total:.1f}% {v / 1e6 / calls:.2f} s"
+    print("by kind (share, ms per call): " + ", ".join(f"{k} {100 * v / op_total:.1f}% {v / 1e3 / calls:.1f} ms"
                                                       for k, v in kinds.most_common()))
     with open(os.path.join(trace_dir, "ops.json"), "w") as f:
         json.dump({"calls": calls, "wall_s_per_call": wall,

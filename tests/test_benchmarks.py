@@ -324,3 +324,57 @@ def test_dense_4d_arm_swaps_the_dense_contraction_only_inside_the_block():
     with common.VARIANTS["dense_4d"]():
         assert "f32[2,4,4,3] = dot_general" in jaxpr()  # the 4-D contraction
     assert "f32[32,3] = dot_general" in jaxpr()  # ddm: (B*H*W, C) x (C, F)
+
+
+def _benchmark_script(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(os.path.dirname(_PATH), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_ab_xla_options_become_named_arms_and_bad_specs_name_themselves():
+    variant_ab = _benchmark_script("variant_ab")
+    parsed = variant_ab.parse_xla_options(['off={"xla_gpu_enable_command_buffer": ""}', 'lvl={"a": 2, "b": true}'],
+                                          ["ddm"])
+    assert parsed == {"off": {"xla_gpu_enable_command_buffer": ""}, "lvl": {"a": 2, "b": True}}
+    for spec, says in [("off", "is not NAME=JSON"), ('ddm={"a": 1}', "is taken"), ("x={a: 1}", "not JSON"),
+                       ("x={}", "non-empty JSON object"), ("x=[1]", "non-empty JSON object")]:
+        with pytest.raises(ValueError, match=re.escape(repr(spec)) + ".*" + says):
+            variant_ab.parse_xla_options([spec], ["ddm"])
+
+
+def test_compiler_options_reach_xla_and_an_unknown_one_is_an_error():
+    # what variant_ab's --xla_options arms rely on: the options go to XLA, which rejects what it does not know
+    lowered = jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(4))
+    assert lowered.compile(compiler_options={"xla_cpu_enable_fast_math": False})(jnp.ones(4)).shape == (4,)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        lowered.compile(compiler_options={"xla_no_such_option": 1})
+
+
+def test_gpu_check_ratio_lines_pair_ours_with_the_peer_per_dtype():
+    gpu_check = _benchmark_script("gpu_check")
+    rows = [{"what": "train step, batch 128", "dtype": "bfloat16", "steps_per_s": 44.0},
+            {"what": "DDIM 50 steps, batch 2000", "dtype": "bfloat16", "samples_per_s": 550.0},
+            {"what": "train step, batch 128", "dtype": "float32", "steps_per_s": 26.0},
+            {"what": "PEER diffusers train step, batch 128", "dtype": "bfloat16", "steps_per_s": 11.0},
+            {"what": "PEER diffusers one DDIM step, batch 2000", "dtype": "bfloat16",
+             "samples_per_s_for_ddim_steps": 220.0}]
+    assert gpu_check.ratio_lines(rows) == ["", "ours / peer, train steps/s, bfloat16: 4.00x",
+                                           "ours / peer, DDIM samples/s, bfloat16: 2.50x"]
+    assert gpu_check.ratio_lines(rows[:3]) == []  # no peer, no ratio
+
+
+def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(_PATH), "gpu_session.sh")
+    done = subprocess.run(["bash", script, str(tmp_path), "0"], env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    for stage in ("gpu_check", "profile", "arms", "xla"):
+        assert f"skipped {stage}: " in summary
+    assert f"jax {jax.__version__}" in summary and "total " in summary
+    assert not list(tmp_path.glob("*.log"))
