@@ -10,7 +10,9 @@
    float32 against both the fp32 and the TF32 peak, since XLA's default matmul precision may use
    TF32). XLA's cost analysis is printed beside it but not used: on GPU the convolutions are cuDNN
    custom calls that it does not count (it gave 175 (float32) and 391 (bfloat16) of the 4461
-   GFLOP per step at batch 128 on an H200).
+   GFLOP per step at batch 128 on an H200). Beside the rate of calls waited for one by one, the rate
+   with the calls back to back, waited for at the end (common.TrainCall.pipelined_s), as
+   experiment.train makes them: the host's dispatch of a call then overlaps the device's work.
 2. 50-step DDIM (eta 0) throughput: the whole 50-step ddim_sample as one jitted scan at
    --sample_batch, float32 and bfloat16, with its MFU from the hand count of the forward;
    --sample_calls timed calls (median), and the time for
@@ -65,14 +67,17 @@ def train_check(args, dtype_name, overrides, results):
     call()  # warm-up
     times = common.interleaved([call], args.train_calls)[0]
     steps_per_s = args.k / common.median(times)
+    pipelined_steps_per_s = args.k / call.pipelined_s(args.train_calls)
     row = {"what": f"train step, batch {args.batch}", "dtype": dtype_name, "steps_per_s": steps_per_s,
+           "pipelined_steps_per_s": pipelined_steps_per_s,
            "images_per_s": steps_per_s * args.batch, "model_gflop_per_step": flops / 1e9,
            "xla_gflop_per_step": xla_flops / 1e9,
            "tflop_per_s": flops * steps_per_s / 1e12, "mfu": common.mfu_text(flops * steps_per_s, dtype_name),
            "compile_s": call.compile_s, "memory": common.peak_bytes(compiled),
            "device_peak_bytes_in_use": device_memory_peak(), "timed_calls": len(times), "k": args.k}
     results["rows"].append(row)
-    print(f"[train {dtype_name}] {steps_per_s:.2f} steps/s ({row['images_per_s']:.0f} images/s), "
+    print(f"[train {dtype_name}] {steps_per_s:.2f} steps/s ({row['images_per_s']:.0f} images/s; "
+          f"{pipelined_steps_per_s:.2f} steps/s with the calls back to back, as experiment.train makes them), "
           f"{flops / 1e9:.1f} model GFLOP/step (XLA counts {xla_flops / 1e9:.1f}), {row['tflop_per_s']:.1f} TFLOP/s, "
           f"MFU {row['mfu']}; "
           f"memory peak {gib(row['memory'].get('peak'))}, compile {call.compile_s:.0f} s", flush=True)

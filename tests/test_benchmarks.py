@@ -378,3 +378,10 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
         assert f"skipped {stage}: " in summary
     assert f"jax {jax.__version__}" in summary and "total " in summary
     assert not list(tmp_path.glob("*.log"))
+
+
+def test_train_call_pipelined_runs_each_call_on_the_last_ones_state():
+    call = common.TrainCall("digits", "float32", 2, 1).ready()
+    step = int(jax.device_get(call.state.step)[0])
+    seconds = call.pipelined_s(3)
+    assert seconds > 0 and int(jax.device_get(call.state.step)[0]) == step + 3
