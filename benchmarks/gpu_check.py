@@ -1,10 +1,11 @@
 """One-command accelerator check of the DDPM CIFAR-10 U-Net (35.7M parameters), under 8 minutes:
 
     python benchmarks/gpu_check.py [--out gpu_check_results.json] [--budget_s 450] [--peer]
+                                   [--config cifar10_cosine] [--checks train,sample,peer]
     python benchmarks/gpu_check.py --smoke          # tiny U-Net, seconds-to-minutes on a CPU
 
-1. Train steps/s at batch 128 (configs/cifar10_linear.py: DDPM's step with dropout, clipping, Adam,
-   EMA; experiment.train's pmapped K-step call, K=--k), float32 and bfloat16 (bf16 compute, fp32
+1. Train steps/s at batch 128 (--config, by default configs/cifar10_linear.py: DDPM's step with
+   dropout, clipping, Adam, EMA; experiment.train's pmapped K-step call, K=--k), float32 and bfloat16 (bf16 compute, fp32
    parameters), with model FLOPs per step (common.hand_flops: the convolutions and attention
    matmuls, forward and backward) and MFU against the device's table peak (common.PEAK_TFLOPS;
    float32 against both the fp32 and the TF32 peak, since XLA's default matmul precision may use
@@ -59,7 +60,7 @@ def gib(n):
 
 
 def train_check(args, dtype_name, overrides, results):
-    call = common.TrainCall("cifar10_linear", dtype_name, args.batch, args.k, **overrides)
+    call = common.TrainCall(args.config, dtype_name, args.batch, args.k, **overrides)
     compiled = call.compile()
     xla_flops = call.flops_per_step()
     flops = common.hand_flops(call.model, call.image_shape, args.batch)["train"]
@@ -84,7 +85,7 @@ def train_check(args, dtype_name, overrides, results):
 
 
 def sample_check(args, dtype_name, overrides, results):
-    call = common.SampleScanCall("cifar10_linear", dtype_name, args.sample_batch, args.ddim_steps, **overrides)
+    call = common.SampleScanCall(args.config, dtype_name, args.sample_batch, args.ddim_steps, **overrides)
     call.compile()
     call.materialize()
     call()  # warm-up
@@ -124,13 +125,13 @@ def peer_check(args, overrides, results):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     for dtype_name in args.dtypes.split(","):
-        runner = common.TorchTrainCall("cifar10_linear", dtype_name, args.batch, args.k, **overrides)
+        runner = common.TorchTrainCall(args.config, dtype_name, args.batch, args.k, **overrides)
         times = common.interleaved([runner], args.train_calls)[0]
         rate = args.k / common.median(times)
         results["rows"].append({"what": f"PEER diffusers train step, batch {args.batch}", "dtype": dtype_name,
                                 "steps_per_s": rate})
         print(f"[peer train {dtype_name}] {rate:.2f} steps/s", flush=True)
-        _, model, diffusion, image_shape = common.build("cifar10_linear", dtype_name, **overrides)
+        _, model, diffusion, image_shape = common.build(args.config, dtype_name, **overrides)
         d = ddm.respace(diffusion, ddm.space_timesteps(diffusion.num_timesteps, f"ddim{args.ddim_steps}"))
         sampler = TorchSampleRunner(model, d, image_shape, args.sample_batch, dtype_name,
                                     "cuda" if torch.cuda.is_available() else "cpu")
@@ -149,7 +150,7 @@ def peer_in_child(args, results):
     grew it to (on an 80 GiB H100 that left PyTorch under 1 GiB: out of memory at batch 128)."""
     out = os.path.splitext(args.out)[0] + "_peer.json"
     argv = [sys.executable, os.path.abspath(__file__), "--peer", "--checks", "peer", "--out", out]
-    for name in ("batch", "k", "train_calls", "dtypes", "ddim_steps", "sample_batch"):
+    for name in ("config", "batch", "k", "train_calls", "dtypes", "ddim_steps", "sample_batch"):
         argv += [f"--{name}", str(getattr(args, name))]
     subprocess.run(argv + (["--smoke"] if args.smoke else []), check=True)
     with open(out) as f:
@@ -172,6 +173,8 @@ def ratio_lines(rows) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="cifar10_linear",
+                        help="a config of configs/ (cifar10_cosine: IDDPM's U-Net, learned-range variances, L_hybrid)")
     parser.add_argument("--smoke", action="store_true", help="tiny U-Net (ch 32), small batches: a CPU check")
     parser.add_argument("--out", default="gpu_check_results.json")
     parser.add_argument("--budget_s", type=float, default=450.0)
