@@ -6,8 +6,9 @@
 #
 #   gpu_check  benchmarks/gpu_check.py --peer: batch-128 train steps/s and MFU, fp32 / bf16,
 #              50-step DDIM throughput, peak memory, diffusers' UNet2DModel on the same GPU
-#   profile    benchmarks/profile_steps.py: the bf16 batch-128 train step's top device ops,
-#              and its wall time against the device's summed op time (idle gaps)
+#   profile    benchmarks/profile_steps.py: the bf16 batch-128 train step's top device ops and
+#              the device's summed op time per step (the wall time inside the trace includes the
+#              tracer's own work: 530 ms a call against 21 ms of kernels on an H100)
 #   arms       benchmarks/variant_ab.py: the CPU-motivated choices against what they replaced,
 #              on the GPU (bf16 batch-128 train step, K=1)
 #   xla        benchmarks/variant_ab.py --xla_options: XLA:GPU compile options on the same step

@@ -122,6 +122,8 @@ def main():
                 try:
                     runners.append(call.ready(compiler_options))
                 except Exception as e:  # noqa: BLE001 - XLA's error for an option it does not take
+                    if compiler_options is None:
+                        raise
                     print(f"  left out {arm}: XLA did not compile with {compiler_options}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", flush=True)
                     continue
