@@ -5,13 +5,13 @@
     python benchmarks/gpu_check.py --smoke          # tiny U-Net, seconds-to-minutes on a CPU
 
 1. Train steps/s at batch 128 (--config, by default configs/cifar10_linear.py: DDPM's step with
-   dropout, clipping, Adam, EMA; experiment.train's pmapped K-step call, K=--k), float32 and bfloat16 (bf16 compute, fp32
-   parameters), with model FLOPs per step (common.hand_flops: the convolutions and attention
-   matmuls, forward and backward) and MFU against the device's table peak (common.PEAK_TFLOPS;
-   float32 against both the fp32 and the TF32 peak, since XLA's default matmul precision may use
-   TF32). XLA's cost analysis is printed beside it but not used: on GPU the convolutions are cuDNN
-   custom calls that it does not count (it gave 175 (float32) and 391 (bfloat16) of the 4461
-   GFLOP per step at batch 128 on an H200). Beside the rate of calls waited for one by one, the rate
+   dropout, clipping, Adam, EMA; experiment.train's pmapped K-step call, K=--k), float32 and
+   bfloat16 (bf16 compute, fp32 parameters), with model FLOPs per step (common.hand_flops: the
+   convolutions and attention matmuls, forward and backward) and MFU against the device's table
+   peak (common.PEAK_TFLOPS; float32 against both the fp32 and the TF32 peak, since XLA's default
+   matmul precision may use TF32). XLA's cost analysis is printed beside it but not used: on GPU
+   the convolutions are cuDNN custom calls that it does not count (it gave 175 (float32) and 391
+   (bfloat16) of the 4461 GFLOP per step at batch 128 on an H200). Beside the rate of calls waited for one by one, the rate
    with the calls back to back, waited for at the end (common.TrainCall.pipelined_s), as
    experiment.train makes them: the host's dispatch of a call then overlaps the device's work.
 2. 50-step DDIM (eta 0) throughput: the whole 50-step ddim_sample as one jitted scan at
@@ -230,7 +230,8 @@ def main():
     lines = [results["machine"], ""]
     for r in results["rows"]:
         mem = r.get("memory", {}).get("peak")
-        main_value = (f"{r['steps_per_s']:.2f} steps/s" if "steps_per_s" in r else
+        back_to_back = f" ({r['pipelined_steps_per_s']:.2f} back to back)" if "pipelined_steps_per_s" in r else ""
+        main_value = (f"{r['steps_per_s']:.2f} steps/s{back_to_back}" if "steps_per_s" in r else
                       f"{r['samples_per_s']:.0f} samples/s, {r['num_samples']} samples in "
                       f"{r['seconds_for_num_samples'] / 60:.1f} min ({r['how']})" if "samples_per_s" in r else
                       f"{r['samples_per_s_for_ddim_steps']:.0f} samples/s over {args.ddim_steps} steps")
