@@ -11,9 +11,10 @@
    peak (common.PEAK_TFLOPS; float32 against both the fp32 and the TF32 peak, since XLA's default
    matmul precision may use TF32). XLA's cost analysis is printed beside it but not used: on GPU
    the convolutions are cuDNN custom calls that it does not count (it gave 175 (float32) and 391
-   (bfloat16) of the 4461 GFLOP per step at batch 128 on an H200). Beside the rate of calls waited for one by one, the rate
-   with the calls back to back, waited for at the end (common.TrainCall.pipelined_s), as
-   experiment.train makes them: the host's dispatch of a call then overlaps the device's work.
+   (bfloat16) of the 4461 GFLOP per step at batch 128 on an H200). Beside the rate of calls waited
+   for one by one, the rate with the calls back to back, waited for at the end
+   (common.TrainCall.pipelined_s), as experiment.train makes them: the host's dispatch of a call
+   then overlaps the device's work.
 2. 50-step DDIM (eta 0) throughput: the whole 50-step ddim_sample as one jitted scan at
    --sample_batch, float32 and bfloat16, with its MFU from the hand count of the forward;
    --sample_calls timed calls (median), and the time for
