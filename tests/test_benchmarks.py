@@ -9,9 +9,17 @@ import pytest
 from ddm.unet import UNet
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
-_spec = importlib.util.spec_from_file_location("benchmarks_common", _PATH)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+
+
+def _benchmark_script(name):
+    """benchmarks/<name>.py, imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(os.path.dirname(_PATH), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _benchmark_script("common")
 
 
 def _cost(fn, *args):
@@ -101,9 +109,7 @@ def test_conv_floor_reads_every_convolution_of_the_unet():
     import numpy as np
     import torch
 
-    spec = importlib.util.spec_from_file_location("conv_floor", os.path.join(os.path.dirname(_PATH), "conv_floor.py"))
-    conv_floor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv_floor)
+    conv_floor = _benchmark_script("conv_floor")
     model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
     convs = conv_floor.unet_convs(model, (16, 16, 3), 2)
     leaves = jax.tree_util.tree_flatten_with_path(common.random_params(model, (16, 16, 3)))[0]
@@ -324,13 +330,6 @@ def test_dense_4d_arm_swaps_the_dense_contraction_only_inside_the_block():
     with common.VARIANTS["dense_4d"]():
         assert "f32[2,4,4,3] = dot_general" in jaxpr()  # the 4-D contraction
     assert "f32[32,3] = dot_general" in jaxpr()  # ddm: (B*H*W, C) x (C, F)
-
-
-def _benchmark_script(name):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(os.path.dirname(_PATH), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_variant_ab_xla_options_become_named_arms_and_bad_specs_name_themselves():
