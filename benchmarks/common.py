@@ -829,12 +829,69 @@ def dense_4d():
     return _swapped(unet, "_matmul_last_axis", lax.dot_general)
 
 
+# --------------------------------------------------------------------------------------------- #
+# Ablations: ddm with one piece taken out (not the same model), so that ddm's time minus the
+# ablation's is what the piece costs in a whole step: attributed on any device, where a profile's
+# per-op times are not (on 2 CPU cores the trace timed a 4.7 MB kernel transpose at 10 ms, which
+# takes 0.14 ms alone).
+# --------------------------------------------------------------------------------------------- #
+
+def _passthrough(*args, **kwargs):
+    """A stand-in for a module class: the 'module' it builds returns its input."""
+    return lambda x: x
+
+
+def without_attention():
+    """While active, ddm.unet's attention blocks return their input (norm, q/k/v, softmax, output
+    projection and residual add all gone). An ablation. Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet, "AttnBlock", _passthrough)
+
+
+def without_group_norm():
+    """While active, ddm.unet's GroupNorms are their affine part alone, x * scale + bias (no
+    moments, no normalisation; the same parameters). An ablation. Trace (lower) the step inside the
+    block."""
+    import ddm.unet as unet
+
+    return _swapped(unet, "group_norm", lambda x, scale, bias, num_groups, eps: x * scale + bias)
+
+
+def without_swish():
+    """While active, the swish activations ddm.unet applies (``nn.swish``) are the identity. An
+    ablation. Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet.nn, "swish", lambda x: x)
+
+
+def without_dropout():
+    """While active, ddm.unet's dropout layers return their input in training too. An ablation.
+    Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet, "Dropout", _passthrough)
+
+
+def without_ema():
+    """While active, ddm.train's step keeps the EMA parameters as they are (no EMA update: two
+    reads and a write of every parameter less). An ablation. Trace (lower) the step inside the block."""
+    from ddm import train
+
+    return _swapped(train, "update_ema", lambda ema_params, params, ema_rates: ema_params)
+
+
+# The ablations an arm can name: ddm's time minus the arm's is what the removed piece costs.
+ABLATIONS = {"without_attention": without_attention, "without_group_norm": without_group_norm,
+             "without_swish": without_swish, "without_dropout": without_dropout, "without_ema": without_ema}
+
 # The variants a benchmark arm can name (variant_ab.py), each a context manager to trace inside.
 VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
             "winograd_2d": winograd_small_convs, "threefry_dropout": threefry_dropout,
             "einsum_heads": einsum_heads, "direct_convs": direct_convs, "optax_clip": optax_clip,
-            "dense_4d": dense_4d}
+            "dense_4d": dense_4d, **ABLATIONS}
 
 
 @contextlib.contextmanager

@@ -112,8 +112,9 @@ def trace_ops(trace_dir: str):
 
 
 def profile(call, label, trace_dir, calls, top):
-    compiled = call.compiled or call.compile()
-    call.materialize()
+    """Trace ``calls`` calls of ``call`` (compiled, with its inputs: ``materialize`` run) and print
+    where the time goes."""
+    compiled = call.compiled
     call()  # warm-up
     summaries = hlo_summaries(compiled.as_text())
     summaries.update({name.replace(".", "_"): what for name, what in summaries.items()})  # GPU kernel names
@@ -198,7 +199,8 @@ def main():
                                             unroll=False if variant == "scan" else None, **overrides)
                 else:
                     call = common.SampleCall(args.config, args.dtype, args.batch, **overrides)
-            call.compile()
+                call.compile()
+                call.materialize()  # inside the block: an ablation can change the parameters' tree
             k = f", K={args.k} steps per call" if step == "train" and args.k > 1 else ""
             profile(call, f"{args.config} {step} step, batch {args.batch}, {args.dtype}{k}, {variant}",
                     os.path.join(args.trace_dir, step, variant), args.calls, args.top)

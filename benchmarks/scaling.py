@@ -3,7 +3,7 @@ fits a memory budget (bisection on memory_analysis, nothing run).
 
     python benchmarks/scaling.py [--configs cifar10_linear,cifar10_cosine] [--batch 8]
                                  [--dtypes float32,bfloat16] [--devices 1,2] [--rounds 3]
-                                 [--memory_gib 16] [--no_time] [--no_bisect] [--ch N]
+                                 [--memory_gib 16 (0: the device's)] [--no_time] [--no_bisect] [--ch N]
                                  [--steps train,sample] [--bisect_step train|sample]
 
 Speed table: for each config, dtype and device count, the train step (the pmapped K=1 step,
@@ -109,6 +109,16 @@ def child(args, num_devices):
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def device_memory_bytes(device) -> int:
+    """What ``device``'s allocator may hand out (``memory_stats()['bytes_limit']``: on a GPU, JAX's
+    preallocated fraction of its memory); ValueError where the device reports no limit (CPU)."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise ValueError(f"{device.device_kind} reports no memory limit (memory_stats: {sorted(stats) or None}); "
+                         f"give the budget in GiB instead")
+    return int(stats["bytes_limit"])
+
+
 def gib(n):
     return f"{n / 2 ** 30:.3f}"
 
@@ -120,7 +130,8 @@ def main():
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--devices", default="1,2")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--memory_gib", type=float, default=16.0)
+    parser.add_argument("--memory_gib", type=float, default=16.0,
+                        help="the bisection's budget; 0: what the device's allocator may hand out (its bytes_limit)")
     parser.add_argument("--max_compiles", type=int, default=7)
     parser.add_argument("--no_time", action="store_true")
     parser.add_argument("--no_bisect", action="store_true")
@@ -131,6 +142,12 @@ def main():
     args = parser.parse_args()
     overrides = {"ch": args.ch} if args.ch else {}
     timing = not args.no_time
+    budget = None
+    if not args.no_bisect and not args.child:
+        try:
+            budget = args.memory_gib * 2 ** 30 or device_memory_bytes(jax.local_devices()[0])
+        except ValueError as e:
+            parser.error(f"--memory_gib 0: {e}")
     if not args.child:
         print(common.machine_line())
 
@@ -174,9 +191,8 @@ def main():
                           + ", ".join(f"{d} x{n} {s / base:.2f}" for (d, n), s in sorted(sel.items())))
 
     if not args.no_bisect:
-        budget = args.memory_gib * 2 ** 30
         print(f"\nlargest {args.bisect_step} batch (one device) whose memory_analysis peak fits "
-              f"{args.memory_gib:g} GiB:")
+              f"{budget / 2 ** 30:g} GiB:")
         for config in args.configs.split(","):
             for dtype_name in args.dtypes.split(","):
                 best, above, probes = largest_batch(config, dtype_name, budget, overrides, args.max_compiles,

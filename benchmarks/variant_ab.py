@@ -27,6 +27,15 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     place of ddm.train.clip_by_global_norm (one scalar multiply, fused into Adam)
   dense_4d          dense layers on (B, H, W, C) as lax.dot_general's 4-D contraction, in place of
                     ddm.unet._matmul_last_axis's one 2-D matmul (whose kernel gradient reads dy in place)
+Ablations (common.ABLATIONS): ddm with one piece taken out, not the same model; ddm's time minus
+the ablation's is what that piece costs in the whole step, printed per step and as a share of ddm's
+(a profile's per-op times do not add up so on 2 CPU cores, where ops run concurrently with the
+convolutions' threads):
+  without_attention   the attention blocks return their input
+  without_group_norm  the GroupNorms are their affine part alone (x * scale + bias)
+  without_swish       the swish activations are the identity
+  without_dropout     no dropout in training
+  without_ema         the train step leaves the EMA parameters as they are
 --arms ddm alone gives MFU and memory against batch size. --peer adds diffusers' UNet2DModel in
 PyTorch (common.TorchTrainCall, sampling_step.TorchRunner) on the same device. Steps:
   train        the train call of K steps (unrolled and not donated on CPU, as experiment.train)
@@ -58,14 +67,18 @@ def model_overrides(args):
     return {name: value for name, value in (("ch", args.ch), ("num_heads", args.num_heads)) if value}
 
 
-def ddm_call(step, arm, args, batch):
+def ddm_call(step, arm, args, batch, compiler_options=None):
+    """ddm's call for ``step`` with ``arm``'s variant, traced, compiled and given its inputs inside the
+    variant's block (an ablation can change the parameters' tree), warmed up by one call."""
     overrides = model_overrides(args)
     with common.VARIANTS[arm]():
         if step == "train":
-            return common.TrainCall(args.config, args.dtype, batch, args.k, **overrides)
-        if step == "sample_scan":
-            return common.SampleScanCall(args.config, args.dtype, batch, args.scan_steps, **overrides)
-        return common.SampleCall(args.config, args.dtype, batch, method="ddim", steps=50, **overrides)
+            call = common.TrainCall(args.config, args.dtype, batch, args.k, **overrides)
+        elif step == "sample_scan":
+            call = common.SampleScanCall(args.config, args.dtype, batch, args.scan_steps, **overrides)
+        else:
+            call = common.SampleCall(args.config, args.dtype, batch, method="ddim", steps=50, **overrides)
+        return call.ready(compiler_options)
 
 
 def peer_call(step, args, batch, ours):
@@ -118,15 +131,15 @@ def main():
         for batch in map(int, args.batches.split(",")):
             runners, names = [], []
             for arm, compiler_options in [(arm, None) for arm in arms] + list(options.items()):
-                call = ddm_call(step, arm if compiler_options is None else "ddm", args, batch)
                 try:
-                    runners.append(call.ready(compiler_options))
+                    call = ddm_call(step, arm if compiler_options is None else "ddm", args, batch, compiler_options)
                 except Exception as e:  # noqa: BLE001 - XLA's error for an option it does not take
                     if compiler_options is None:
                         raise
                     print(f"  left out {arm}: XLA did not compile with {compiler_options}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", flush=True)
                     continue
+                runners.append(call)
                 names.append(arm)
                 if args.hlo_out:
                     os.makedirs(args.hlo_out, exist_ok=True)
@@ -150,6 +163,24 @@ def main():
             print(f"{step} batch {batch}: " + ", ".join(
                 f"ddm / {name} = {rates[0] / rate:.3f}x (median of per-round ratios {per_round(j):.3f}x)"
                 for j, (name, rate) in enumerate(zip(names[1:], rates[1:]), start=1)), flush=True)
+            for line in ablation_lines(names[:ours], times[:ours], per_call):
+                print(line, flush=True)
+
+
+def ablation_lines(names, times, per_call: int) -> list:
+    """For each ablation arm (common.ABLATIONS) after ddm (names[0]): what the piece it removes costs,
+    ddm's median time per step minus the arm's, in ms and as a share of ddm's, and the median over
+    rounds of that difference within a round. ``times``: seconds per call, per arm and round."""
+    ms = lambda seconds: seconds / per_call * 1e3
+    ddm_ms = ms(common.median(times[0]))
+    lines = []
+    for name, arm_times in zip(names[1:], times[1:]):
+        if name in common.ABLATIONS:
+            cost = ddm_ms - ms(common.median(arm_times))
+            per_round = common.median([ms(a - b) for a, b in zip(times[0], arm_times)])
+            lines.append(f"  {name}: the piece costs {cost:.1f} ms per step ({cost / ddm_ms:.1%} of ddm's "
+                         f"{ddm_ms:.1f} ms; per-round median {per_round:.1f} ms)")
+    return lines
 
 
 def parse_xla_options(specs, arms) -> dict:

@@ -373,10 +373,35 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = (tmp_path / "summary.txt").read_text()
-    for stage in ("gpu_check", "profile", "arms", "xla"):
+    for stage in ("gpu_check", "ablations", "largest_batch", "profile", "xla"):
         assert f"skipped {stage}: " in summary
     assert f"jax {jax.__version__}" in summary and "total " in summary
     assert not list(tmp_path.glob("*.log"))
+    chosen = tmp_path / "chosen"
+    done = subprocess.run(["bash", script, str(chosen), "0"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable, "STAGES": "profile,xla"})
+    assert done.returncode == 0, done.stderr
+    summary = (chosen / "summary.txt").read_text()
+    for stage in ("gpu_check", "ablations", "largest_batch"):
+        assert f"not chosen: {stage} (STAGES=profile,xla)" in summary and f"skipped {stage}" not in summary
+    assert "skipped profile: " in summary and "skipped xla: " in summary
+
+
+def test_scaling_device_memory_is_the_allocator_limit_and_a_cpu_is_told_to_give_gib():
+    scaling = _benchmark_script("scaling")
+
+    class Device:
+        device_kind = "NVIDIA H100 80GB HBM3"
+
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    assert scaling.device_memory_bytes(Device({"bytes_limit": 64 * 2 ** 30, "bytes_in_use": 0})) == 64 * 2 ** 30
+    with pytest.raises(ValueError, match=r"reports no memory limit \(memory_stats: None\); give the budget in GiB"):
+        scaling.device_memory_bytes(Device(None))
 
 
 def test_train_call_pipelined_runs_each_call_on_the_last_ones_state():
@@ -384,3 +409,52 @@ def test_train_call_pipelined_runs_each_call_on_the_last_ones_state():
     step = int(jax.device_get(call.state.step)[0])
     seconds = call.pipelined_s(3)
     assert seconds > 0 and int(jax.device_get(call.state.step)[0]) == step + 3
+
+
+def _primitive_count(primitive, fn, *args):
+    """How many equations of fn's jaxpr, nested jaxprs included, apply ``primitive`` (traced anew:
+    a new function, so no trace is reused from before a swap)."""
+    return len(re.findall(rf" = {primitive}\b", str(jax.make_jaxpr(lambda *a: fn(*a))(*args))))
+
+
+@pytest.mark.parametrize("ablation, primitive", [
+    ("without_attention", "reduce_max"),  # the softmax's max (nothing else in the U-Net takes one)
+    ("without_group_norm", "rsqrt"),  # GroupNorm's 1 / std
+    ("without_swish", "logistic"),  # swish = x * sigmoid(x)
+    ("without_dropout", "shift_right_logical"),  # the dropout mask's hash
+])
+def test_ablation_arms_take_their_piece_out_only_inside_the_block(ablation, primitive):
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+    params = common.random_params(model, (8, 8, 3))
+    x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3)), jnp.array([3, 500])
+    apply = lambda p: model.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.key(2)})
+    with common.VARIANTS[ablation]():
+        ablated_count, ablated = _primitive_count(primitive, apply, params), apply(params)
+    assert ablated_count == 0 and _primitive_count(primitive, apply, params) > 0
+    assert ablated.shape == apply(params).shape and bool(jnp.all(jnp.isfinite(ablated)))
+    assert not jnp.array_equal(ablated, apply(params))  # a different model
+
+
+def test_without_ema_arm_leaves_the_ema_parameters_as_they_are_only_inside_the_block():
+    import numpy as np
+
+    from ddm import train
+
+    params, ema = {"w": jnp.ones(3)}, {train.ema_key(0.9): {"w": jnp.zeros(3)}}
+    step = lambda: train.update_ema(ema, params, (0.9,))
+    with common.VARIANTS["without_ema"]():
+        np.testing.assert_array_equal(step()[train.ema_key(0.9)]["w"], 0.0)
+    np.testing.assert_allclose(step()[train.ema_key(0.9)]["w"], 0.1, rtol=1e-6)
+
+
+def test_ablation_lines_give_what_each_removed_piece_costs_per_step():
+    variant_ab = _benchmark_script("variant_ab")
+    names = ["ddm", "dense_4d", "without_swish", "without_ema"]
+    # seconds per call of 2 steps, 3 rounds: ddm 1.0 s, without_swish 0.9 s, without_ema 0.98 s
+    times = [[1.0, 1.2, 1.0], [1.1, 1.1, 1.1], [0.9, 1.1, 0.9], [0.98, 0.98, 0.98]]
+    lines = variant_ab.ablation_lines(names, times, per_call=2)
+    assert len(lines) == 2  # dense_4d is an alternative, not an ablation
+    assert lines[0] == ("  without_swish: the piece costs 50.0 ms per step (10.0% of ddm's 500.0 ms; "
+                        "per-round median 50.0 ms)")
+    assert lines[1].startswith("  without_ema: the piece costs 10.0 ms per step (2.0% of ddm's 500.0 ms;")
+    assert lines[1].endswith("per-round median 10.0 ms)")
