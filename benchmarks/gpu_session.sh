@@ -7,6 +7,7 @@
 #   gpu_check      benchmarks/gpu_check.py --peer: batch-128 train steps/s (each call waited for
 #                  and back to back) and MFU, fp32 / bf16, 50-step DDIM throughput, peak memory,
 #                  diffusers' UNet2DModel on the same GPU
+#   iddpm          the same check for IDDPM's U-Net (--config cifar10_cosine), bf16 only
 #   ablations      benchmarks/variant_ab.py's without_* arms: what attention, GroupNorm, swish,
 #                  dropout and the EMA update each cost in the bf16 batch-128 train step (K=1)
 #   largest_batch  benchmarks/scaling.py: the largest bf16 train batch whose compiled peak fits
@@ -20,9 +21,9 @@
 # SMOKE=1 runs the same stages on a tiny U-Net (ch 32, batch 4; gpu_check --smoke): a CPU check of
 # the script itself.
 # On an H100 (jax 0.11.2, 2026-11-28) gpu_check took 255 s (its peer ran out of memory in the same
-# process then, and now runs in one of its own, 31 s more), profile 54 s, and variant_ab's arms
-# 27 to 35 s per compile of the K=1 train call, which sizes the ablations (six compiles) and
-# largest_batch (five). Each stage's start threshold below is that time. All of them need more than
+# process then, and now runs in one of its own, 31 s more), which sizes iddpm (one dtype of the two,
+# a larger U-Net), profile 54 s, and variant_ab's arms 27 to 35 s per compile of the K=1 train call,
+# which sizes the ablations (six compiles) and largest_batch (five). Each stage's start threshold below is that time. All of them need more than
 # one device call's 10 minutes: give BUDGET_S as what the lease leaves, and STAGES for a second call.
 # (The CPU-motivated arms, dense_4d, threefry_dropout, optax_clip and nearest_upsample, were run on
 # that H100 and are in README.md: `variant_ab.py --arms ddm,dense_4d,... --dtype bfloat16 --k 1`.)
@@ -62,6 +63,8 @@ stage() {  # stage NAME SECONDS_NEEDED COMMAND...
 } | tee "$out/summary.txt"
 
 stage gpu_check 290 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"
+stage iddpm 200 "$py" "$here/gpu_check.py" --config cifar10_cosine --dtypes bfloat16 --peer --train_calls 6 \
+  --out "$out/gpu_check_iddpm.json" "${smoke[@]}"
 stage ablations 200 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 1 --calls 10 \
   --arms ddm,without_attention,without_group_norm,without_swish,without_dropout,without_ema "${small[@]}"
 stage largest_batch 160 "$py" "$here/scaling.py" --configs cifar10_linear --dtypes bfloat16 --devices 1 --steps train \

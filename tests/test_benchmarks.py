@@ -373,7 +373,7 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = (tmp_path / "summary.txt").read_text()
-    for stage in ("gpu_check", "ablations", "largest_batch", "profile", "xla"):
+    for stage in ("gpu_check", "iddpm", "ablations", "largest_batch", "profile", "xla"):
         assert f"skipped {stage}: " in summary
     assert f"jax {jax.__version__}" in summary and "total " in summary
     assert not list(tmp_path.glob("*.log"))
@@ -382,7 +382,7 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "STAGES": "profile,xla"})
     assert done.returncode == 0, done.stderr
     summary = (chosen / "summary.txt").read_text()
-    for stage in ("gpu_check", "ablations", "largest_batch"):
+    for stage in ("gpu_check", "iddpm", "ablations", "largest_batch"):
         assert f"not chosen: {stage} (STAGES=profile,xla)" in summary and f"skipped {stage}" not in summary
     assert "skipped profile: " in summary and "skipped xla: " in summary
 
