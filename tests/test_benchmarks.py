@@ -458,3 +458,14 @@ def test_ablation_lines_give_what_each_removed_piece_costs_per_step():
                         "per-round median 50.0 ms)")
     assert lines[1].startswith("  without_ema: the piece costs 10.0 ms per step (2.0% of ddm's 500.0 ms;")
     assert lines[1].endswith("per-round median 10.0 ms)")
+
+
+def test_host_cpu_names_the_cpu_and_its_widest_vector_isa(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw\n\n"
+                       "processor\t: 1\nmodel name\t: another\n")
+    assert common.host_cpu(str(cpuinfo)) == "AMD EPYC, family 26, model 2, AVX-512"
+    cpuinfo.write_text("model name\t: Old Xeon\nflags\t\t: fpu sse2 avx avx2\n")
+    assert common.host_cpu(str(cpuinfo)) == "Old Xeon, family ?, model ?, AVX2"
+    assert common.host_cpu(str(tmp_path / "missing")) == "unknown CPU"
