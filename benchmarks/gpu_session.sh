@@ -21,9 +21,10 @@
 # SMOKE=1 runs the same stages on a tiny U-Net (ch 32, batch 4; gpu_check --smoke): a CPU check of
 # the script itself.
 # On an H100 (jax 0.11.2, 2026-11-28) gpu_check took 255 s (its peer ran out of memory in the same
-# process then, and now runs in one of its own, 31 s more), which sizes iddpm (one dtype of the two,
-# a larger U-Net), profile 54 s, and variant_ab's arms 27 to 35 s per compile of the K=1 train call,
-# which sizes the ablations (six compiles) and largest_batch (five). Each stage's start threshold below is that time. All of them need more than
+# process then, and now runs in one of its own, 31 s more), profile 54 s, and variant_ab's arms 27 to
+# 35 s per compile of the K=1 train call. Each stage's start threshold below is that time, or an
+# estimate from it where the stage has not run on a GPU yet: iddpm (one dtype of gpu_check's two, a
+# larger U-Net), the ablations (six compiles) and largest_batch (five). All of them need more than
 # one device call's 10 minutes: give BUDGET_S as what the lease leaves, and STAGES for a second call.
 # (The CPU-motivated arms, dense_4d, threefry_dropout, optax_clip and nearest_upsample, were run on
 # that H100 and are in README.md: `variant_ab.py --arms ddm,dense_4d,... --dtype bfloat16 --k 1`.)
