@@ -469,3 +469,10 @@ def test_host_cpu_names_the_cpu_and_its_widest_vector_isa(tmp_path):
     cpuinfo.write_text("model name\t: Old Xeon\nflags\t\t: fpu sse2 avx avx2\n")
     assert common.host_cpu(str(cpuinfo)) == "Old Xeon, family ?, model ?, AVX2"
     assert common.host_cpu(str(tmp_path / "missing")) == "unknown CPU"
+
+
+def test_cpu_host_ab_ratio_is_of_the_overall_medians_then_the_per_round_median():
+    host_ab = _benchmark_script("cpu_host_ab")
+    results = {"before": [[1.0, 1.2], [1.1, 1.3]], "after": [[0.5, 0.6], [1.1, 1.3]]}
+    # overall: median(1.0, 1.2, 1.1, 1.3) / median(0.5, 0.6, 1.1, 1.3) = 1.15 / 0.85; per round: 2.0 and 1.0
+    assert host_ab.ratio_text(results, "before", "after") == "1.353x (1.500x)"
