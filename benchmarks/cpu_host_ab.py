@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import median
 
 ARMS = ("before", "after", "diffusers", "diffusers+host")
 
@@ -88,12 +89,6 @@ def run_child(args, arm, step):
     if done.returncode:
         raise RuntimeError(f"{arm} {step}: exit {done.returncode}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def median(values):
-    values = sorted(values)
-    n = len(values)
-    return (values[n // 2] + values[(n - 1) // 2]) / 2
 
 
 def ratio_text(results, slow, fast):
