@@ -38,7 +38,7 @@ def child(args):
     import common  # imports ddm, which makes the settings unless DDM_XLA_CPU_DEFAULTS=0
     from ddm import xla_cpu
 
-    if args.child == "before":  # the flag alone was ddm's setting before
+    if args.child == "before":  # the flag alone was ddm's setting before (no JAX backend has started yet)
         import jaxlib
 
         os.environ["XLA_FLAGS"] = xla_cpu.cpu_flags_wanted(os.environ.get("XLA_FLAGS", ""), jaxlib.__version__)
@@ -52,10 +52,9 @@ def child(args):
         else:
             from sampling_step import TorchRunner
 
-            _, model, diffusion, image_shape = common.build(args.config)
             from ddm import experiment
 
-            config = common.load_config(args.config)
+            config, model, diffusion, image_shape = common.build(args.config)
             config.sample.method, config.sample.steps = "ddim", 50
             call = TorchRunner(model, experiment.build_sampling_diffusion(config, diffusion), image_shape,
                                args.batch, "float32")
@@ -72,11 +71,10 @@ def child(args):
     after = resource.getrusage(resource.RUSAGE_SELF)
     steps = args.calls * per_call
     import jax
-    from jax._src import xla_bridge
 
     print(json.dumps({"times": times, "faults": (after.ru_minflt - before.ru_minflt) / steps,
                       "sys_ms": 1e3 * (after.ru_stime - before.ru_stime) / steps,
-                      "async_dispatch": bool(xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value),
+                      "async_dispatch": jax.config.read("jax_cpu_enable_async_dispatch"),
                       "xla_flags": os.environ.get("XLA_FLAGS", ""), "backend": jax.default_backend(),
                       "machine": common.machine_line()}))
 
