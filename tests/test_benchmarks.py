@@ -476,3 +476,113 @@ def test_cpu_host_ab_ratio_is_of_the_overall_medians_then_the_per_round_median()
     results = {"before": [[1.0, 1.2], [1.1, 1.3]], "after": [[0.5, 0.6], [1.1, 1.3]]}
     # overall: median(1.0, 1.2, 1.1, 1.3) / median(0.5, 0.6, 1.1, 1.3) = 1.15 / 0.85; per round: 2.0 and 1.0
     assert host_ab.ratio_text(results, "before", "after") == "1.353x (1.500x)"
+
+
+_GPU_HLO = """HloModule train, entry_computation_layout={(f32[100]{0})->f32[10]{0}}
+
+%fused_update (param_0: f32[100], param_1: f32[10]) -> f32[10] {
+  %param_0 = f32[100]{0} parameter(0)
+  %constant_1 = f32[] constant(2)
+  %broadcast_1 = f32[100]{0} broadcast(%constant_1), dimensions={}
+  %multiply_1 = f32[100]{0} multiply(%param_0, %broadcast_1)
+  %slice_1 = f32[10]{0} slice(%multiply_1), slice={[20:30]}
+  %param_1 = f32[10]{0} parameter(1)
+  ROOT %add_1 = f32[10]{0} add(%slice_1, %param_1)
+}
+
+%fused_reduce (param_0.1: bf16[8,4,4,16]) -> f32[16] {
+  %param_0.1 = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  %convert_2 = f32[8,4,4,16]{3,2,1,0} convert(%param_0.1)
+  %constant_2 = f32[] constant(0)
+  ROOT %reduce_2 = f32[16]{0} reduce(%convert_2, %constant_2), dimensions={0,1,2}, to_apply=%add
+}
+
+%gemm_fusion_dot.1_computation (parameter_0: bf16[16,32], parameter_1: bf16[32,8]) -> f32[16,8] {
+  %parameter_0 = bf16[16,32]{1,0} parameter(0)
+  %parameter_1 = bf16[32,8]{1,0} parameter(1)
+  ROOT %dot_3 = f32[16,8]{1,0} dot(%parameter_0, %parameter_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.1 (p0: f32[100], p1: f32[10], x: bf16[8,4,4,16], w: bf16[16,3,3,16], a: bf16[16,32], b: bf16[32,8]) -> f32[10] {
+  %p0 = f32[100]{0} parameter(0), metadata={op_name="flat_args[0]"}
+  %p1 = f32[10]{0} parameter(1)
+  %x = bf16[8,4,4,16]{3,2,1,0} parameter(2)
+  %w = bf16[16,3,3,16]{3,2,1,0} parameter(3)
+  %a = bf16[16,32]{1,0} parameter(4)
+  %b = bf16[32,8]{1,0} parameter(5)
+  %loop_add_fusion = f32[10]{0} fusion(%p0, %p1), kind=kLoop, calls=%fused_update, metadata={op_name="jit(_fun)/add"}
+  %cudnn-conv.1 = (bf16[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(_fun)/jvp(UNet)/down_0_block_0/conv1/conv_general_dilated"}
+  %get-tuple-element.1 = bf16[8,4,4,16]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
+  %input_reduce_fusion = f32[16]{0} fusion(%get-tuple-element.1), kind=kInput, calls=%fused_reduce, metadata={op_name="jit(_fun)/transpose(jvp(UNet))/up_1_block_1/norm2/reduce_sum"}
+  %gemm_fusion_dot.1 = f32[16,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot.1_computation, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %copy.1 = f32[100]{0} copy(%p0)
+  ROOT %tuple.1 = (f32[10]{0}, f32[100]{0}) tuple(%loop_add_fusion, %copy.1)
+}
+"""
+
+
+def test_gpu_hlo_census_counts_each_kernel_with_what_it_reads_and_writes():
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    kernels = {k.name: k for k in gpu_hlo.census(_GPU_HLO)}
+    assert sorted(kernels) == ["copy.1", "cudnn-conv.1", "gemm_fusion_dot.1", "input_reduce_fusion",
+                               "loop_add_fusion"]  # parameters, tuples and get-tuple-elements are no kernels
+    conv, image = kernels["cudnn-conv.1"], 8 * 4 * 4 * 16 * 2
+    assert (conv.kind, conv.part, conv.bytes) == ("conv forward", "forward conv1", image + (image + 16 * 9 * 16 * 2))
+    # The update computes 10 of the 100 elements it multiplies (a slice of them): it reads 10 of p0's.
+    update = kernels["loop_add_fusion"]
+    assert (update.kind, update.part, update.bytes) == ("loop fusion", "rest add", 40 + 40 + 40)
+    norm = kernels["input_reduce_fusion"]
+    assert (norm.kind, norm.part, norm.bytes) == ("reduce fusion", "backward norm2", image + 64)
+    gemm = kernels["gemm_fusion_dot.1"]
+    assert (gemm.kind, gemm.part, gemm.bytes) == ("gemm", "rest", 16 * 32 * 2 + 32 * 8 * 2 + 16 * 8 * 4)
+    assert (kernels["copy.1"].kind, kernels["copy.1"].bytes) == ("copy", 800)
+    assert gpu_hlo.totals(kernels.values(), lambda k: k.part.split()[0])["rest"] == (3, 120 + 2048 + 800)
+
+
+def test_gpu_hlo_lower_bound_is_matmul_flops_or_bytes_plus_the_other_bytes():
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    K = gpu_hlo.Kernel
+    kernels = [K("c", "conv forward", "forward conv1", 2e9, ""), K("g", "gemm", "forward q", 1e9, ""),
+               K("n", "reduce fusion", "forward norm1", 4e9, ""), K("u", "loop fusion", "rest add", 2e9, "")]
+    # 6 GB of other kernels at 2 TB/s (3 ms), then the matmuls: 1 TFLOP at 1 PFLOP/s (1 ms) or their
+    # 3 GB at 2 TB/s (1.5 ms), whichever is longer.
+    assert gpu_hlo.lower_bound_s(kernels, 1e12, 1e15, 2e12) == pytest.approx(3e-3 + 1.5e-3)
+    assert gpu_hlo.lower_bound_s(kernels, 4e12, 1e15, 2e12) == pytest.approx(3e-3 + 4e-3)
+
+
+def test_gpu_hlo_target_config_carries_the_spec_and_an_entry_is_required():
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    text = gpu_hlo.target_config(gpu_hlo.H100_SXM)
+    for field in ("core_count: 132", "memory_bandwidth: 3350000000000", "major: 9 minor: 0",
+                  'device_description_str: "NVIDIA H100 80GB HBM3"', 'platform_name: "CUDA"'):
+        assert field in text
+    with pytest.raises(ValueError, match="no ENTRY"):
+        gpu_hlo.census("HloModule empty\n")
+
+
+def test_gpu_hlo_census_counts_a_while_body_once_per_iteration():
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    loop = """HloModule k_steps
+
+%body (state: (s32[], f32[100])) -> (s32[], f32[100]) {
+  %state = (s32[], f32[100]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %x = f32[100]{0} get-tuple-element(%state), index=1
+  %copy.2 = f32[100]{0} copy(%x)
+  ROOT %next = (s32[], f32[100]{0}) tuple(%i, %copy.2)
+}
+
+%cond (state.1: (s32[], f32[100])) -> pred[] {
+  %state.1 = (s32[], f32[100]{0}) parameter(0)
+  ROOT %true = pred[] constant(true)
+}
+
+ENTRY %main.2 (p: (s32[], f32[100])) -> (s32[], f32[100]) {
+  %p = (s32[], f32[100]{0}) parameter(0)
+  ROOT %while.1 = (s32[], f32[100]{0}) while(%p), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+}
+"""
+    kernels = gpu_hlo.census(loop)
+    assert [(k.name, k.kind, k.bytes) for k in kernels] == [("copy.2", "copy", 800)] * 4
+    with pytest.raises(ValueError, match="no known trip count"):
+        gpu_hlo.census(loop.replace(', backend_config={"known_trip_count":{"n":"4"}}', ""))
