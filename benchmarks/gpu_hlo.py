@@ -5,6 +5,7 @@ beat.
     python benchmarks/gpu_hlo.py [--config cifar10_linear] [--dtype bfloat16] [--batch 128] [--k 1]
                                  [--arms ddm,optax_clip] [--donate 1] [--hlo_out DIR] [--top 15]
     python benchmarks/gpu_hlo.py --hlo FILE [FILE ...]     # a census of HLO already written
+    python benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json   # with profile_steps.py's kernel times
 
 The compile needs JAX's CUDA plugin and CUDA's libraries, not a GPU or its driver:
 ``pip install "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"`` (into
@@ -32,6 +33,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -50,8 +52,9 @@ H100_SXM = {
 }
 
 # Kernels that do the matmul FLOPs, the hand count's (common.hand_flops): their time is bounded by
-# FLOPs; every other kernel's by bytes.
-MATMUL_KINDS = ("conv forward", "conv input gradient", "conv kernel gradient", "gemm")
+# FLOPs; every other kernel's by bytes. (XLA:CPU's HLO, which the census also reads, has them as
+# plain convolution and dot instructions.)
+MATMUL_KINDS = ("conv forward", "conv input gradient", "conv kernel gradient", "gemm", "convolution", "dot")
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
           "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -293,6 +296,57 @@ def report(kernels, bandwidth: float, top: int = 15, lines=print):
             lines(f"    {k.bytes / 1e6:8.1f} MB  {k.kind:<20} {k.part:<28} {k.shape[:60]}")
 
 
+def measured_times(kernels, ops: dict, calls: int) -> dict:
+    """{kernel name: measured seconds per call} from profile_steps.py's ops.json ``ops`` ({op name:
+    [microseconds over ``calls`` calls, ...]}); a GPU trace names a fusion's kernel with "_" for the
+    HLO name's "." (input_reduce_fusion_24 for input_reduce_fusion.24)."""
+    times = {}
+    for k in kernels:
+        for name in (k.name, k.name.replace(".", "_")):
+            if name in ops:
+                times[k.name] = ops[name][0] / 1e6 / calls
+                break
+    return times
+
+
+def fit_kernel_time(kernels, times: dict):
+    """(seconds per byte, seconds per kernel, R^2): the least-squares line t = a * bytes + b through
+    the measured times of the kernels that are not matmuls (a kernel named twice in the census, a
+    while body's, counts once per iteration, its time split evenly)."""
+    points = collections.Counter(k.name for k in kernels if k.name in times and k.kind not in MATMUL_KINDS)
+    xs = [k.bytes for k in kernels if k.name in points]
+    ys = [times[k.name] / points[k.name] for k in kernels if k.name in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    b = my - a * mx
+    residual = sum((y - a * x - b) ** 2 for x, y in zip(xs, ys))
+    total = sum((y - my) ** 2 for y in ys)
+    return a, b, 1 - residual / total if total else 1.0
+
+
+def report_times(kernels, times: dict, lines=print):
+    """Print the measured time by kind next to the census, and the fitted per-byte and per-kernel
+    costs of the kernels that are not matmuls."""
+    lines(f"  measured: {len(times)} of {len(set(k.name for k in kernels))} kernels found in the trace, "
+          f"{sum(times.values()) * 1e3:.2f} ms per call")
+    counts = collections.Counter(k.name for k in kernels)
+    by_kind = collections.defaultdict(lambda: [0, 0, 0.0])
+    for k in kernels:
+        if k.name in times:
+            row = by_kind[k.kind]
+            row[0] += 1
+            row[1] += k.bytes
+            row[2] += times[k.name] / counts[k.name]
+    lines(f"  {'kind':<24} {'kernels':>8} {'GB':>8} {'ms':>8} {'GB/s':>8} {'us/kernel':>10}")
+    for kind, (n, moved, t) in sorted(by_kind.items(), key=lambda kv: -kv[1][2]):
+        lines(f"  {kind:<24} {n:8d} {moved / 1e9:8.3f} {t * 1e3:8.3f} {moved / t / 1e9 if t else 0:8.0f} "
+              f"{t / n * 1e6:10.2f}")
+    a, b, r2 = fit_kernel_time(kernels, times)
+    lines(f"  kernels other than matmuls: t = bytes / ({1 / a / 1e12 if a > 0 else float('inf'):.2f} TB/s) "
+          f"+ {b * 1e6:.2f} us per kernel (R^2 {r2:.2f})")
+
+
 def train_hlo(args, arm: str, devices):
     """(optimised HLO text, the compiled ``common.TrainCall``) of ddm's train call with ``arm``, for ``devices``."""
     import common
@@ -308,6 +362,8 @@ def train_hlo(args, arm: str, devices):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hlo", nargs="+", help="census of these optimised HLO files (no compile)")
+    parser.add_argument("--times", help="with one --hlo: profile_steps.py's ops.json of the same program, "
+                                        "whose measured kernel times are set against the census")
     parser.add_argument("--config", default="cifar10_linear")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--batch", type=int, default=128)
@@ -321,7 +377,12 @@ def main():
     if args.hlo:
         for path in args.hlo:
             print(f"== {path}")
-            report(census(open(path).read()), spec["memory_bandwidth"], args.top)
+            kernels = census(open(path).read())
+            report(kernels, spec["memory_bandwidth"], args.top)
+            if args.times:
+                with open(args.times) as f:
+                    profile = json.load(f)
+                report_times(kernels, measured_times(kernels, profile["ops"], profile["calls"]))
         return
 
     import common

@@ -4,6 +4,15 @@
 #
 #     [STAGES=name,name] bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S=500]
 #
+#   profile        benchmarks/profile_steps.py: the bf16 batch-128 train step's top device ops and
+#                  the device's summed op time per step (the wall time inside the trace includes the
+#                  tracer's own work: 530 ms a call against 21 ms of kernels on an H100); its trace,
+#                  ops.json and the optimised HLO (hlo.txt) go to OUT_DIR/profile, for
+#                  `gpu_hlo.py --hlo hlo.txt --times ops.json`: each kernel's measured time against its
+#                  bytes, which calibrates gpu_hlo.py's census (the cost of a GB and of a kernel)
+#   candidates     benchmarks/variant_ab.py --k 4: the GPU candidates that gpu_hlo.py found without a
+#                  GPU against ddm, in experiment.train's call of 4 steps (flat_norm: the gradients'
+#                  global norm as one reduction, 328 fewer kernels per step)
 #   gpu_check      benchmarks/gpu_check.py --peer: batch-128 train steps/s (each call waited for
 #                  and back to back) and MFU, fp32 / bf16, 50-step DDIM throughput, peak memory,
 #                  diffusers' UNet2DModel on the same GPU
@@ -12,12 +21,10 @@
 #                  dropout and the EMA update each cost in the bf16 batch-128 train step (K=1)
 #   largest_batch  benchmarks/scaling.py: the largest bf16 train batch whose compiled peak fits
 #                  the device's allocator limit (compiles only, at most 5)
-#   profile        benchmarks/profile_steps.py: the bf16 batch-128 train step's top device ops and
-#                  the device's summed op time per step (the wall time inside the trace includes the
-#                  tracer's own work: 530 ms a call against 21 ms of kernels on an H100)
 #   xla            benchmarks/variant_ab.py --xla_options: XLA:GPU compile options on the same step
 #
-# STAGES picks stages by name (default: all, in the order above, which is what they are worth).
+# STAGES picks stages by name (default: all, in the order above, which is what they are worth: the
+# headline figures of gpu_check were measured on an H100 already, 2026-11-28).
 # SMOKE=1 runs the same stages on a tiny U-Net (ch 32, batch 4; gpu_check --smoke): a CPU check of
 # the script itself.
 # On an H100 (jax 0.11.2, 2026-11-28) gpu_check took 255 s (its peer ran out of memory in the same
@@ -63,6 +70,10 @@ stage() {  # stage NAME SECONDS_NEEDED COMMAND...
   "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 } | tee "$out/summary.txt"
 
+stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --dtype bfloat16 --calls 3 --top 25 \
+  --trace_dir "$out/profile" "${small[@]}"
+stage candidates 170 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
+  --arms ddm,flat_norm "${small[@]}"
 stage gpu_check 290 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"
 stage iddpm 200 "$py" "$here/gpu_check.py" --config cifar10_cosine --dtypes bfloat16 --peer --train_calls 6 \
   --out "$out/gpu_check_iddpm.json" "${smoke[@]}"
@@ -70,8 +81,6 @@ stage ablations 200 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train -
   --arms ddm,without_attention,without_group_norm,without_swish,without_dropout,without_ema "${small[@]}"
 stage largest_batch 160 "$py" "$here/scaling.py" --configs cifar10_linear --dtypes bfloat16 --devices 1 --steps train \
   --no_time --max_compiles 5 "${memory[@]}" "${small[@]}"
-stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --dtype bfloat16 --calls 3 --top 25 \
-  --trace_dir /tmp/ddm_profile "${small[@]}"
 stage xla 150 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 1 --calls 10 --arms ddm "${small[@]}" \
   --xla_options 'no_command_buffer={"xla_gpu_enable_command_buffer": ""}' \
   --xla_options 'no_triton_gemm={"xla_gpu_enable_triton_gemm": false}' \

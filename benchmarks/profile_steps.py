@@ -14,7 +14,8 @@ by their share of the summed op time. On CPU, ops of one call may run concurrent
 pool, so shares are of summed op time, not of wall time. Each op's line says which HLO ops are in
 it (convolution, dot, reduce, ...) and the shape of its result. The trace directory can be opened
 in Perfetto (ui.perfetto.dev) or TensorBoard's profile plugin; ops.json next to it has every op's
-time and description. --variants names ddm as it is ('ddm') and any of common.VARIANTS (e.g.
+time and description, and hlo.txt the optimised HLO (``gpu_hlo.py --hlo hlo.txt --times ops.json``
+puts each kernel's measured time next to its bytes). --variants names ddm as it is ('ddm') and any of common.VARIANTS (e.g.
 'nearest_upsample', 'wgrad_taps'; see variant_ab.py), for a before/after in one run. --k K profiles
 the train call of K steps (experiment.train's steps_per_call; unrolled on CPU); --variants scan
 profiles it with the K steps in a lax.scan, the form CPU runs had before make_multi_step unrolled
@@ -144,6 +145,8 @@ def profile(call, label, trace_dir, calls, top):
     with open(os.path.join(trace_dir, "ops.json"), "w") as f:
         json.dump({"calls": calls, "wall_s_per_call": wall,
                    "ops": {n: [us, summaries.get(n, "")] for n, us in totals.items()}}, f)
+    with open(os.path.join(trace_dir, "hlo.txt"), "w") as f:  # for gpu_hlo.py --hlo hlo.txt --times ops.json
+        f.write(compiled.as_text())
     return totals, summaries
 
 

@@ -586,3 +586,48 @@ ENTRY %main.2 (p: (s32[], f32[100])) -> (s32[], f32[100]) {
     assert [(k.name, k.kind, k.bytes) for k in kernels] == [("copy.2", "copy", 800)] * 4
     with pytest.raises(ValueError, match="no known trip count"):
         gpu_hlo.census(loop.replace(', backend_config={"known_trip_count":{"n":"4"}}', ""))
+
+
+def test_gpu_hlo_fits_measured_kernel_times_to_bytes_and_a_cost_per_kernel():
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    K = gpu_hlo.Kernel
+    kernels = [K("loop_add_fusion.1", "loop fusion", "rest add", 1e6, ""),
+               K("input_reduce_fusion.2", "reduce fusion", "forward norm1", 4e6, ""),
+               K("copy.3", "copy", "rest", 9e6, ""), K("copy.3", "copy", "rest", 9e6, ""),  # a loop body's, twice
+               K("cudnn-conv.4", "conv forward", "forward conv1", 5e7, ""),
+               K("loop_multiply_fusion.5", "loop fusion", "forward silu", 2e6, "")]  # not in the trace
+    # 2 calls; each kernel takes bytes / (2 TB/s) + 3 us, the conv 40 us; the GPU trace's names use "_"
+    per_call = {"loop_add_fusion_1": 1e6 / 2e12 + 3e-6, "input_reduce_fusion.2": 4e6 / 2e12 + 3e-6,
+                "copy_3": 2 * (9e6 / 2e12 + 3e-6), "cudnn-conv.4": 40e-6}
+    ops = {name: [t * 1e6 * 2, "what"] for name, t in per_call.items()}
+    times = gpu_hlo.measured_times(kernels, ops, calls=2)
+    assert set(times) == {"loop_add_fusion.1", "input_reduce_fusion.2", "copy.3", "cudnn-conv.4"}
+    assert times["copy.3"] == pytest.approx(per_call["copy_3"])
+    a, b, r2 = gpu_hlo.fit_kernel_time(kernels, times)
+    assert (1 / a, b, r2) == (pytest.approx(2e12), pytest.approx(3e-6), pytest.approx(1.0))
+    lines = []
+    gpu_hlo.report_times(kernels, times, lines=lines.append)
+    assert lines[0].startswith("  measured: 4 of 5 kernels found in the trace")
+    assert "t = bytes / (2.00 TB/s) + 3.00 us per kernel (R^2 1.00)" in lines[-1]
+
+
+def test_flat_norm_arm_takes_the_same_norm_in_one_reduction_only_inside_the_block():
+    import optax
+    from ddm import train
+
+    grads = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([3.0, 4.0])}
+
+    def update(g):  # a function of its own per call: jax caches a function's trace
+        optimizer = train.make_optimizer(1e-3, 0, 1.0)
+        return optimizer.update(g, optimizer.init(g), g)[0]
+
+    with common.VARIANTS["flat_norm"]():
+        inside = optax.tree.norm(grads)
+        jaxpr = str(jax.make_jaxpr(lambda g: update(g))(grads))
+        assert "concatenate" in jaxpr and jaxpr.count("reduce_sum") == 1  # the clip's one norm
+        clipped = update(grads)
+    assert inside == pytest.approx(float(jnp.sqrt(55.0 + 25.0)))
+    jaxpr = str(jax.make_jaxpr(lambda g: update(g))(grads))
+    assert "concatenate" not in jaxpr and jaxpr.count("reduce_sum") == 2  # optax: one per leaf
+    for a, b in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(update(grads))):
+        assert jnp.allclose(a, b, rtol=1e-6)  # the same clipped Adam update
