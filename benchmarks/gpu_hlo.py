@@ -4,6 +4,7 @@ beat.
 
     python benchmarks/gpu_hlo.py [--config cifar10_linear] [--dtype bfloat16] [--batch 128] [--k 1]
                                  [--arms ddm,optax_clip] [--donate 1] [--hlo_out DIR] [--top 15]
+                                 [--xla_options 'NAME={"xla_gpu_...": true}']
     python benchmarks/gpu_hlo.py --hlo FILE [FILE ...]     # a census of HLO already written
     python benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json   # with profile_steps.py's kernel times
 
@@ -347,14 +348,15 @@ def report_times(kernels, times: dict, lines=print):
           f"+ {b * 1e6:.2f} us per kernel (R^2 {r2:.2f})")
 
 
-def train_hlo(args, arm: str, devices):
-    """(optimised HLO text, the compiled ``common.TrainCall``) of ddm's train call with ``arm``, for ``devices``."""
+def train_hlo(args, arm: str, devices, compiler_options=None):
+    """(optimised HLO text, the compiled ``common.TrainCall``) of ddm's train call with ``arm`` (a
+    common.VARIANTS name; ddm as it is with ``compiler_options``), for ``devices``."""
     import common
 
-    with common.VARIANTS[arm]():
+    with common.VARIANTS[arm if compiler_options is None else "ddm"]():
         call = common.TrainCall(args.config, args.dtype, args.batch, args.k, devices=devices,
                                 donate=None if args.donate is None else bool(args.donate))
-        compiled = call.compile()
+        compiled = call.compile(compiler_options)
     print(f"{arm}: compiled for {devices[0].device_kind} in {call.compile_s:.0f} s")
     return compiled.as_text(), call
 
@@ -370,6 +372,8 @@ def main():
     parser.add_argument("--k", type=int, default=1, help="train steps per call")
     parser.add_argument("--arms", default="ddm", help="common.VARIANTS, comma-separated")
     parser.add_argument("--donate", type=int, choices=(0, 1), help="donate the state (default: as on a GPU, 1)")
+    parser.add_argument("--xla_options", action="append", default=[], metavar="NAME=JSON",
+                        help="an arm NAME: ddm compiled with these XLA compile options (as variant_ab.py's)")
     parser.add_argument("--hlo_out", help="write each arm's optimised HLO here")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
@@ -387,10 +391,19 @@ def main():
 
     import common
 
+    from variant_ab import parse_xla_options
+
+    arms = args.arms.split(",")
+    if any(arm not in common.VARIANTS for arm in arms):
+        parser.error(f"--arms: {args.arms!r} may name only {', '.join(common.VARIANTS)}")
+    try:
+        options = parse_xla_options(args.xla_options, arms)
+    except ValueError as e:
+        parser.error(f"--xla_options: {e}")
     devices = compile_only_devices(spec)
     rows = []
-    for arm in args.arms.split(","):
-        text, call = train_hlo(args, arm, devices)
+    for arm in arms + list(options):
+        text, call = train_hlo(args, arm, devices, options.get(arm))
         if args.hlo_out:
             os.makedirs(args.hlo_out, exist_ok=True)
             with open(os.path.join(args.hlo_out, f"train_{arm}.hlo"), "w") as f:
