@@ -67,7 +67,7 @@ _CUSTOM_CALLS = {"__cudnn$convForward": "conv forward", "__cudnn$convBiasActivat
                  "__cudnn$convBackwardInput": "conv input gradient",
                  "__cudnn$convBackwardFilter": "conv kernel gradient", "__cublas$gemm": "gemm",
                  "__cublas$lt$matmul": "gemm"}
-_INSTRUCTION = re.compile(r"(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"(ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 
 
 def target_config(spec: dict = H100_SXM) -> str:
@@ -118,6 +118,7 @@ class Instruction:
     opcode: str
     operand_text: str  # what is between the opcode's parentheses
     attributes: str  # what follows them
+    root: bool = False
 
     @property
     def operands(self):
@@ -128,12 +129,12 @@ def _instruction(line: str):
     m = _INSTRUCTION.match(line.strip())
     if not m:
         return None
-    name, shape, opcode, rest = m.groups()
+    root, name, shape, opcode, rest = m.groups()
     depth, end = 1, 0
     while depth and end < len(rest):  # the operand list ends at its matching parenthesis
         depth += {"(": 1, ")": -1}.get(rest[end], 0)
         end += 1
-    return Instruction(name, shape, opcode, rest[:end - 1], rest[end:])
+    return Instruction(name, shape, opcode, rest[:end - 1], rest[end:], bool(root))
 
 
 def parse_module(text: str):
@@ -169,7 +170,7 @@ def _parameter_reads(computation) -> dict:
     of it (a fraction, summed over the users, at most 1), a slice only its own elements: XLA fuses
     an elementwise update of a whole flattened vector with the slices its consumers take, and
     computes the sliced elements alone."""
-    needed = {computation[-1].name: 1.0} if computation else {}
+    needed = {i.name: 1.0 for i in computation if i.root}
     for i in reversed(computation):
         fraction = min(needed.get(i.name, 0.0), 1.0)
         for position, operand in enumerate(i.operands):
