@@ -10,6 +10,7 @@
 #                  ops.json and the optimised HLO (hlo.txt) go to OUT_DIR/profile, for
 #                  `gpu_hlo.py --hlo hlo.txt --times ops.json`: each kernel's measured time against its
 #                  bytes, which calibrates gpu_hlo.py's census (the cost of a GB and of a kernel)
+#   calibrate      benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json on that profile (no compile)
 #   candidates     benchmarks/variant_ab.py --k 4: the GPU candidates that gpu_hlo.py found without a
 #                  GPU against ddm, in experiment.train's call of 4 steps (flat_norm: the gradients'
 #                  global norm as one reduction, 328 fewer kernels per step)
@@ -72,6 +73,8 @@ stage() {  # stage NAME SECONDS_NEEDED COMMAND...
 
 stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --dtype bfloat16 --calls 3 --top 25 \
   --trace_dir "$out/profile" "${small[@]}"
+stage calibrate 20 "$py" "$here/gpu_hlo.py" --hlo "$out/profile/train/ddm/hlo.txt" --times "$out/profile/train/ddm/ops.json" \
+  --top 10
 stage candidates 170 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
   --arms ddm,flat_norm "${small[@]}"
 stage gpu_check 290 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"
