@@ -2,7 +2,7 @@
 program's kernels, what each reads and writes, and the step time no schedule of those kernels can
 beat.
 
-    python benchmarks/gpu_hlo.py [--config cifar10_linear] [--dtype bfloat16] [--batch 128] [--k 1]
+    python benchmarks/gpu_hlo.py [--config cifar10_linear] [--dtype bfloat16] [--batch 128] [--k 4]
                                  [--arms ddm,optax_clip] [--donate 1] [--hlo_out DIR] [--top 15]
                                  [--xla_options 'NAME={"xla_gpu_...": true}']
     python benchmarks/gpu_hlo.py --hlo FILE [FILE ...]     # a census of HLO already written
@@ -19,10 +19,10 @@ algorithm; the fusions, layouts and copies, which this script counts, do not dep
 The census (``census``) reads the optimised HLO's entry computation: each instruction that is not a
 parameter, tuple, bitcast or constant is a kernel. Its bytes are its output plus its operands, an
 operand of a fusion counted at the part of it that the fusion computes with (``_parameter_reads``:
-XLA fuses an update of a whole flattened vector with the slices its consumers take). Kernels are
-grouped by kind (cuDNN
-convolution forward / input gradient / kernel gradient, gemm, reduction or loop fusion, transpose,
-copy) and by where in the program they come from (the op_name XLA keeps: the U-Net's forward
+XLA fuses an update of a whole flattened vector with the slices its consumers take); a while loop's
+body (the K steps of a call) counts once per iteration. Kernels are grouped by kind (cuDNN convolution
+forward / input gradient / kernel gradient, gemm, reduction or loop fusion, transpose, copy) and by
+where in the program they come from (the op_name XLA keeps: the U-Net's forward
 ``jvp(UNet)`` or backward ``transpose(jvp(UNet))`` by layer, or the rest of the step: loss, clipping,
 Adam, EMA). ``lower_bound_s`` is every kernel's bytes at the memory bandwidth, the convolutions'
 and gemms' at the hand count's FLOPs at the bf16 (or fp32) peak where that takes longer: the kernels
@@ -195,8 +195,8 @@ class Kernel:
 
 
 def kernel_kind(instruction: Instruction) -> str:
-    """What a kernel of the entry computation is: a convolution (cuDNN's, or a fusion around one:
-    forward, input gradient, kernel gradient), a gemm (cuBLAS, or a Triton gemm fusion), a reduction ("reduce fusion": XLA's
+    """What a kernel is: a convolution (cuDNN's, or a fusion around one: forward, input gradient,
+    kernel gradient), a gemm (cuBLAS, or a Triton gemm fusion), a reduction ("reduce fusion": XLA's
     input fusions), a transpose, an elementwise "loop fusion", or its opcode (copy, ...)."""
     i = instruction
     if i.opcode == "custom-call":
@@ -370,7 +370,7 @@ def main():
     parser.add_argument("--config", default="cifar10_linear")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--k", type=int, default=1, help="train steps per call")
+    parser.add_argument("--k", type=int, default=4, help="train steps per call (experiment.train's default)")
     parser.add_argument("--arms", default="ddm", help="common.VARIANTS, comma-separated")
     parser.add_argument("--donate", type=int, choices=(0, 1), help="donate the state (default: as on a GPU, 1)")
     parser.add_argument("--xla_options", action="append", default=[], metavar="NAME=JSON",
