@@ -5,6 +5,7 @@ beat.
     python benchmarks/gpu_hlo.py [--config cifar10_linear] [--dtype bfloat16] [--batch 128] [--k 4]
                                  [--arms ddm,optax_clip] [--donate 1] [--hlo_out DIR] [--top 15]
                                  [--xla_options 'NAME={"xla_gpu_...": true}']
+    python benchmarks/gpu_hlo.py --largest_batch [--dtype bfloat16]   # the largest batch that fits
     python benchmarks/gpu_hlo.py --hlo FILE [FILE ...]     # a census of HLO already written
     python benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json   # with profile_steps.py's kernel times
 
@@ -47,10 +48,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 H100_SXM = {
     "name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0), "core_count": 132, "fpus_per_core": 128,
     "clock_rate_ghz": 1.98, "memory_bandwidth": 3.35e12, "l2_cache_size": 50 * 2 ** 20,
-    "device_memory_size": 80 * 2 ** 30, "shared_memory_per_core": 228 * 1024,
+    "device_memory_size": 84942979072, "shared_memory_per_core": 228 * 1024,  # memory: as the H100 reports it
     "shared_memory_per_block_optin": 227 * 1024, "cudnn_version": (9, 8, 0),
     "peak_flops": {"bfloat16": 989e12, "float32": 494.5e12},  # dense tensor cores; float32 as TF32
 }
+
+# JAX's allocator on a GPU takes this share of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION's default).
+JAX_MEMORY_FRACTION = 0.75
 
 # Kernels that do the matmul FLOPs, the hand count's (common.hand_flops): their time is bounded by
 # FLOPs; every other kernel's by bytes. (XLA:CPU's HLO, which the census also reads, has them as
@@ -377,6 +381,10 @@ def main():
                         help="an arm NAME: ddm compiled with these XLA compile options (as variant_ab.py's)")
     parser.add_argument("--hlo_out", help="write each arm's optimised HLO here")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--largest_batch", action="store_true",
+                        help="instead: the largest train batch whose compiled peak fits JAX's default share of the "
+                             "GPU's memory (scaling.py's bisection, compiles only)")
+    parser.add_argument("--max_compiles", type=int, default=7, help="with --largest_batch")
     args = parser.parse_args()
     spec = H100_SXM
     if args.hlo:
@@ -402,6 +410,17 @@ def main():
     except ValueError as e:
         parser.error(f"--xla_options: {e}")
     devices = compile_only_devices(spec)
+    if args.largest_batch:
+        import scaling
+
+        budget = JAX_MEMORY_FRACTION * spec["device_memory_size"]
+        fits, fails, probes = scaling.largest_batch(args.config, args.dtype, budget, {}, args.max_compiles,
+                                                    device=devices[0])
+        print(f"largest {args.config} {args.dtype} train batch (one step per call) whose compiled peak fits "
+              f"{budget / 2 ** 30:.1f} GiB ({JAX_MEMORY_FRACTION:.0%} of the {spec['name']}'s "
+              f"{spec['device_memory_size'] / 2 ** 30:.1f} GiB, JAX's default preallocation): {fits}"
+              + (f" ({fails} does not)" if fails else ""))
+        return
     rows = []
     for arm in arms + list(options):
         text, call = train_hlo(args, arm, devices, options.get(arm))

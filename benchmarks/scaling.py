@@ -55,16 +55,18 @@ def measure(config, dtype_name, batch, num_devices, rounds, timing, overrides, s
     return rows
 
 
-def largest_batch(config, dtype_name, memory_bytes, overrides, max_compiles, granularity=8, step="train"):
+def largest_batch(config, dtype_name, memory_bytes, overrides, max_compiles, granularity=8, step="train",
+                  device=None):
     """(largest batch of `step` known to fit, smallest known not to (None if none), probes
-    [(batch, peak bytes)]) on one device; the two differ by the granularity unless max_compiles
+    [(batch, peak bytes)]) on one device (``device``, default the first local one; the train step
+    compiles for a compile-only one too); the two differ by the granularity unless max_compiles
     stopped the bisection first."""
     probes = {}
 
     def peak(b):
         if b not in probes:
             if step == "train":
-                call = common.TrainCall(config, dtype_name, b, 1, devices=jax.local_devices()[:1], **overrides)
+                call = common.TrainCall(config, dtype_name, b, 1, devices=[device or jax.local_devices()[0]], **overrides)
             else:
                 call = common.SampleCall(config, dtype_name, b, **overrides)
             probes[b] = common.peak_bytes(call.compile())["peak"]

@@ -373,7 +373,7 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = (tmp_path / "summary.txt").read_text()
-    for stage in ("gpu_check", "iddpm", "ablations", "largest_batch", "profile", "xla"):
+    for stage in ("profile", "calibrate", "candidates", "gpu_check", "iddpm", "ablations", "largest_batch", "xla"):
         assert f"skipped {stage}: " in summary
     assert f"jax {jax.__version__}" in summary and "total " in summary
     assert not list(tmp_path.glob("*.log"))
@@ -382,7 +382,7 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "STAGES": "profile,xla"})
     assert done.returncode == 0, done.stderr
     summary = (chosen / "summary.txt").read_text()
-    for stage in ("gpu_check", "iddpm", "ablations", "largest_batch"):
+    for stage in ("calibrate", "candidates", "gpu_check", "iddpm", "ablations", "largest_batch"):
         assert f"not chosen: {stage} (STAGES=profile,xla)" in summary and f"skipped {stage}" not in summary
     assert "skipped profile: " in summary and "skipped xla: " in summary
 
@@ -631,3 +631,24 @@ def test_flat_norm_arm_takes_the_same_norm_in_one_reduction_only_inside_the_bloc
     assert "concatenate" not in jaxpr and jaxpr.count("reduce_sum") == 2  # optax: one per leaf
     for a, b in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(update(grads))):
         assert jnp.allclose(a, b, rtol=1e-6)  # the same clipped Adam update
+
+
+def test_largest_batch_bisects_to_the_granularity_on_the_device_it_is_given(monkeypatch):
+    scaling = _benchmark_script("scaling")
+    compiled_for = []
+
+    class FakeTrainCall:  # a train call whose compiled peak is 1 MB per image plus 5 MB
+        def __init__(self, config, dtype_name, batch, k, devices, **overrides):
+            compiled_for.append(devices)
+            self.batch = batch
+
+        def compile(self):
+            return self.batch
+
+    monkeypatch.setattr(scaling.common, "TrainCall", FakeTrainCall)
+    monkeypatch.setattr(scaling.common, "peak_bytes", lambda batch: {"peak": 10 ** 6 * batch + 5 * 10 ** 6})
+    fits, fails, probes = scaling.largest_batch("cifar10_linear", "bfloat16", 10 ** 9, {}, max_compiles=12,
+                                                device="the device")
+    assert (fits, fails) == (992, 1000)  # 995 images fit 1 GB; the granularity is 8
+    assert all(10 ** 6 * b + 5 * 10 ** 6 <= 10 ** 9 for b, _ in probes if b <= fits)
+    assert compiled_for and all(devices == ["the device"] for devices in compiled_for)
