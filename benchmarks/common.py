@@ -848,6 +848,31 @@ def dense_4d():
     return _swapped(unet, "_matmul_last_axis", lax.dot_general)
 
 
+class ConcatNinShortcut(nn.Module):
+    """ddm.unet.NinShortcut (same parameters) as one matmul of the parts concatenated."""
+    features: int
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, parts):
+        from ddm import unet
+
+        x = jnp.concatenate(parts, axis=-1)
+        kernel = self.param("kernel", unet._kernel_init(False), (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        return unet._matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype), dims) + bias.astype(self.dtype)
+
+
+def concat_skip():
+    """While active, the up path's NIN shortcuts are one matmul of the block's input and the skip
+    connection concatenated (as before ``ddm.unet.NinShortcut``'s one matmul per part), so XLA
+    writes the concatenation out. Same parameters. Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet, "NinShortcut", ConcatNinShortcut)
+
+
 def _raveled_norm(tree, *args, **kwargs):
     """The L2 norm of all of ``tree``'s leaves as one concatenated vector: one concatenation and one
     reduction, where optax.tree.norm reduces each leaf on its own."""
@@ -927,7 +952,7 @@ VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
             "winograd_2d": winograd_small_convs, "threefry_dropout": threefry_dropout,
             "einsum_heads": einsum_heads, "direct_convs": direct_convs, "optax_clip": optax_clip,
-            "dense_4d": dense_4d, "flat_norm": flat_norm, **ABLATIONS}
+            "dense_4d": dense_4d, "flat_norm": flat_norm, "concat_skip": concat_skip, **ABLATIONS}
 
 
 @contextlib.contextmanager

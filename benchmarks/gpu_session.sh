@@ -11,9 +11,10 @@
 #                  `gpu_hlo.py --hlo hlo.txt --times ops.json`: each kernel's measured time against its
 #                  bytes, which calibrates gpu_hlo.py's census (the cost of a GB and of a kernel)
 #   calibrate      benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json on that profile (no compile)
-#   candidates     benchmarks/variant_ab.py --k 4: the GPU candidates that gpu_hlo.py found without a
-#                  GPU against ddm, in experiment.train's call of 4 steps (flat_norm: the gradients'
-#                  global norm as one reduction, 328 fewer kernels per step)
+#   candidates     benchmarks/variant_ab.py --k 4: what gpu_hlo.py found without a GPU, against ddm in
+#                  experiment.train's call of 4 steps: flat_norm (the gradients' global norm as one
+#                  reduction, 328 fewer kernels per step), and concat_skip, the form ddm.unet's
+#                  NinShortcut replaced (0.92 GB more per step)
 #   gpu_check      benchmarks/gpu_check.py --peer: batch-128 train steps/s (each call waited for
 #                  and back to back) and MFU, fp32 / bf16, 50-step DDIM throughput, peak memory,
 #                  diffusers' UNet2DModel on the same GPU
@@ -75,8 +76,8 @@ stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --d
   --trace_dir "$out/profile" "${small[@]}"
 stage calibrate 20 "$py" "$here/gpu_hlo.py" --hlo "$out/profile/train/ddm/hlo.txt" --times "$out/profile/train/ddm/ops.json" \
   --top 10
-stage candidates 170 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
-  --arms ddm,flat_norm "${small[@]}"
+stage candidates 230 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
+  --arms ddm,flat_norm,concat_skip "${small[@]}"
 stage gpu_check 290 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"
 stage iddpm 200 "$py" "$here/gpu_check.py" --config cifar10_cosine --dtypes bfloat16 --peer --train_calls 6 \
   --out "$out/gpu_check_iddpm.json" "${smoke[@]}"

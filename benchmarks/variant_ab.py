@@ -27,6 +27,9 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     place of ddm.train.clip_by_global_norm (one scalar multiply, fused into Adam)
   dense_4d          dense layers on (B, H, W, C) as lax.dot_general's 4-D contraction, in place of
                     ddm.unet._matmul_last_axis's one 2-D matmul (whose kernel gradient reads dy in place)
+  concat_skip       the up path's NIN shortcuts as one matmul of the input and the skip connection
+                    concatenated, in place of ddm.unet.NinShortcut's matmul per part (which spares XLA
+                    writing the concatenation out)
   flat_norm         the gradients' global norm (clip and grad_norm metric) as one reduction over the
                     gradients concatenated, in place of optax.tree.norm's one per leaf: a GPU candidate
                     from gpu_hlo.py (328 fewer kernels per step of an H100's train call), not adopted

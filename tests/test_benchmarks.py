@@ -652,3 +652,22 @@ def test_largest_batch_bisects_to_the_granularity_on_the_device_it_is_given(monk
     assert (fits, fails) == (992, 1000)  # 995 images fit 1 GB; the granularity is 8
     assert all(10 ** 6 * b + 5 * 10 ** 6 <= 10 ** 9 for b, _ in probes if b <= fits)
     assert compiled_for and all(devices == ["the device"] for devices in compiled_for)
+
+
+def test_concat_skip_arm_concatenates_for_the_shortcut_and_keeps_the_unet_output():
+    from ddm import unet
+
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+    x, t = jax.random.normal(jax.random.key(0), (2, 16, 16, 3)), jnp.array([3, 700])
+    params = common.random_params(model, (16, 16, 3))
+    forward = lambda p: model.apply({"params": p}, x, t, train=False)
+    dots = lambda: str(jax.make_jaxpr(lambda p: forward(p))(params)).count("dot_general")  # a new trace
+    ours, ours_dots = forward(params), dots()
+    with common.VARIANTS["concat_skip"]():
+        assert unet.NinShortcut is common.ConcatNinShortcut
+        theirs, their_dots = forward(params), dots()  # the same parameters fit both
+    assert unet.NinShortcut is not common.ConcatNinShortcut
+    # each up-path block with a channel change: one matmul per part (2) against one of the concatenation
+    assert ours_dots - their_dots == sum(1 for name in params if name.startswith("up_") and
+                                         "nin_shortcut" in params[name])
+    assert jnp.allclose(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -433,3 +433,20 @@ def test_dense_kernel_gradient_reads_its_output_gradient_once_in_place(monkeypat
     assert fusion_shapes() == ["128,16"]  # dy once, in place, (B*H*W, F)
     monkeypatch.setattr(unet, "_matmul_last_axis", jax.lax.dot_general)
     assert fusion_shapes() == ["128,16", "16,128"]  # lax: dy again, transposed
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_nin_shortcut_of_parts_is_the_dense_layer_of_their_concatenation(dtype, tol):
+    import flax.linen as nn
+    from ddm.unet import NinShortcut
+
+    a = jax.random.normal(jax.random.key(0), (2, 4, 4, 24))
+    b = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+    shortcut = NinShortcut(16, dtype)
+    params = shortcut.init(jax.random.key(2), (a, b))["params"]
+    assert jax.tree_util.tree_map(jnp.shape, params) == {"kernel": (32, 16), "bias": (16,)}  # nn.Dense's
+    params = {"kernel": params["kernel"], "bias": jax.random.normal(jax.random.key(3), (16,))}
+    y = shortcut.apply({"params": params}, (a, b))
+    dense = nn.Dense(16, dtype=dtype).apply({"params": params}, jnp.concatenate([a, b], axis=-1))
+    assert y.dtype == dtype and y.shape == (2, 4, 4, 16)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(dense, np.float32), rtol=tol, atol=tol)
