@@ -884,7 +884,7 @@ def flat_norm():
     """While active, the gradients' global norm (ddm.train's clip and its grad_norm metric, both
     through ``optax.tree.norm``) is one reduction over the gradients concatenated, in place of one
     or two per leaf: a GPU candidate. Compiled for an H100 (``gpu_hlo.py``), the DDPM train step
-    then has 1907 kernels where it has 2235 (the 405 per-leaf reductions become 4 and a
+    then has 1917 kernels where it has 2244 (the 405 per-leaf reductions become 4 and a
     concatenation) for 0.44 GB more read and written; on 2 CPU cores it ran 1.03x slower (float32,
     batch 8, 4 steps per call). Trace (lower) the step inside the block."""
     return _swapped(optax.tree, "norm", _raveled_norm)

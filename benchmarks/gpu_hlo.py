@@ -322,6 +322,8 @@ def fit_kernel_time(kernels, times: dict):
     points = collections.Counter(k.name for k in kernels if k.name in times and k.kind not in MATMUL_KINDS)
     xs = [k.bytes for k in kernels if k.name in points]
     ys = [times[k.name] / points[k.name] for k in kernels if k.name in points]
+    if len(set(xs)) < 2:
+        raise ValueError(f"gpu_hlo: {len(xs)} measured kernels of {len(set(xs))} sizes; a line needs two sizes")
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx

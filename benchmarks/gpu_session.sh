@@ -13,7 +13,7 @@
 #   calibrate      benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json on that profile (no compile)
 #   candidates     benchmarks/variant_ab.py --k 4: what gpu_hlo.py found without a GPU, against ddm in
 #                  experiment.train's call of 4 steps: flat_norm (the gradients' global norm as one
-#                  reduction, 328 fewer kernels per step), and concat_skip, the form ddm.unet's
+#                  reduction, 327 fewer kernels per step), and concat_skip, the form ddm.unet's
 #                  NinShortcut replaced (0.92 GB more per step)
 #   gpu_check      benchmarks/gpu_check.py --peer: batch-128 train steps/s (each call waited for
 #                  and back to back) and MFU, fp32 / bf16, 50-step DDIM throughput, peak memory,

@@ -32,7 +32,7 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     writing the concatenation out)
   flat_norm         the gradients' global norm (clip and grad_norm metric) as one reduction over the
                     gradients concatenated, in place of optax.tree.norm's one per leaf: a GPU candidate
-                    from gpu_hlo.py (328 fewer kernels per step of an H100's train call), not adopted
+                    from gpu_hlo.py (327 fewer kernels per step of an H100's train call), not adopted
 Ablations (common.ABLATIONS): ddm with one piece taken out, not the same model; ddm's time minus
 the ablation's is what that piece costs in the whole step, printed per step and as a share of ddm's
 (on 2 CPU cores a profile's per-op times are no such measure: the trace timed a kernel transpose at

@@ -671,3 +671,10 @@ def test_concat_skip_arm_concatenates_for_the_shortcut_and_keeps_the_unet_output
     assert ours_dots - their_dots == sum(1 for name in params if name.startswith("up_") and
                                          "nin_shortcut" in params[name])
     assert jnp.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_hlo_fit_needs_kernels_of_two_sizes():
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    kernels = [gpu_hlo.Kernel("copy.1", "copy", "rest", 100, ""), gpu_hlo.Kernel("copy.2", "copy", "rest", 100, "")]
+    with pytest.raises(ValueError, match="2 measured kernels of 1 sizes"):
+        gpu_hlo.fit_kernel_time(kernels, {"copy.1": 1e-6, "copy.2": 2e-6})
