@@ -66,7 +66,8 @@ def largest_batch(config, dtype_name, memory_bytes, overrides, max_compiles, gra
     def peak(b):
         if b not in probes:
             if step == "train":
-                call = common.TrainCall(config, dtype_name, b, 1, devices=[device or jax.local_devices()[0]], **overrides)
+                devices = [device or jax.local_devices()[0]]
+                call = common.TrainCall(config, dtype_name, b, 1, devices=devices, **overrides)
             else:
                 call = common.SampleCall(config, dtype_name, b, **overrides)
             probes[b] = common.peak_bytes(call.compile())["peak"]
