@@ -452,9 +452,11 @@ class NinShortcut(nn.Module):
     (the norm reads it fused either way) and split its gradient back. Compiled for an H100
     (``benchmarks/gpu_hlo.py``), the DDPM train step then reads and writes 0.92 GB less per step (28.08
     instead of 29.00 GB: the concatenations' 1.43 GB go, the matmuls per part take 0.53 GB more, and
-    the skip connections' gradient is summed where it was split), for 9 more kernels; on 2 CPU cores
-    the train step ran at 0.99x and 1.00x (two runs) and the sampling step at 1.00x of the
-    concatenating form (``benchmarks/variant_ab.py --arms ddm,concat_skip``).
+    the skip connections' gradient is summed where it was split), for 9 more kernels. On 2 CPU cores
+    it costs a little: the train step ran at 0.99x, 1.00x and 0.99x of the concatenating form in three
+    runs (per-round medians 0.996x, 0.995x, 0.992x), the sampling step at 1.00x
+    (``benchmarks/variant_ab.py --arms ddm,concat_skip``); the GPU's time is for the next device
+    session's ``gpu_session.sh`` (stage candidates) to measure.
     """
     features: int
     dtype: Any = jnp.float32
