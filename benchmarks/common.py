@@ -25,6 +25,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from ddm import experiment
+from ddm.unet import NinShortcut
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -848,20 +849,12 @@ def dense_4d():
     return _swapped(unet, "_matmul_last_axis", lax.dot_general)
 
 
-class ConcatNinShortcut(nn.Module):
+class ConcatNinShortcut(NinShortcut):
     """ddm.unet.NinShortcut (same parameters) as one matmul of the parts concatenated."""
-    features: int
-    dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, parts):
-        from ddm import unet
-
-        x = jnp.concatenate(parts, axis=-1)
-        kernel = self.param("kernel", unet._kernel_init(False), (x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        dims = (((x.ndim - 1,), (0,)), ((), ()))
-        return unet._matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype), dims) + bias.astype(self.dtype)
+        return NinShortcut.__call__(self, (jnp.concatenate(parts, axis=-1),))
 
 
 def concat_skip():

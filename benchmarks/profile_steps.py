@@ -15,8 +15,9 @@ pool, so shares are of summed op time, not of wall time. Each op's line says whi
 it (convolution, dot, reduce, ...) and the shape of its result. The trace directory can be opened
 in Perfetto (ui.perfetto.dev) or TensorBoard's profile plugin; ops.json next to it has every op's
 time and description, and hlo.txt the optimised HLO (``gpu_hlo.py --hlo hlo.txt --times ops.json``
-puts each kernel's measured time next to its bytes). --variants names ddm as it is ('ddm') and any of common.VARIANTS (e.g.
-'nearest_upsample', 'wgrad_taps'; see variant_ab.py), for a before/after in one run. --k K profiles
+puts each kernel's measured time next to its bytes). --variants names ddm as it is ('ddm') and any
+of common.VARIANTS (e.g. 'nearest_upsample', 'wgrad_taps'; see variant_ab.py), for a before/after
+in one run. --k K profiles
 the train call of K steps (experiment.train's steps_per_call; unrolled on CPU); --variants scan
 profiles it with the K steps in a lax.scan, the form CPU runs had before make_multi_step unrolled
 them (K >= 2):
