@@ -1,11 +1,13 @@
 """ddm.unet's GroupNorm (moments over (H, W) first, closed-form gradient) against flax's nn.GroupNorm."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddm.unet import GroupNorm
+from ddm.unet import GroupNorm, group_norm
 
 
 def _both(x, dtype=jnp.float32):
@@ -45,3 +47,13 @@ def test_normalises_each_group_and_keeps_dtype():
 def test_channels_must_split_into_groups():
     with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
         GroupNorm().init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))
+
+
+def test_scale_and_bias_gradients_are_summed_from_the_per_example_sums():
+    """The (C,) gradients come from the (B, C) sums the input gradient needs, not from another pass
+    over the (B, H, W, C) tensors (XLA folds a reduce of a reduce into one; ddm.unet stops it)."""
+    x, dy, scale = jnp.ones((4, 8, 8, 64)), jnp.ones((4, 8, 8, 64)), jnp.ones(64)
+    vjp = lambda x, scale, bias, dy: jax.vjp(lambda *a: group_norm(*a, 32, 1e-6), x, scale, bias)[1](dy)
+    hlo = jax.jit(vjp).lower(x, scale, scale, dy).compile().as_text()
+    to_channels = re.findall(r"= f32\[64\]\{0\} reduce\([^)]*\), dimensions=\{([\d,]+)\}", hlo)
+    assert len(to_channels) >= 2 and set(to_channels) == {"0"}, to_channels
