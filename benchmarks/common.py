@@ -866,6 +866,15 @@ def concat_skip():
     return _swapped(unet, "NinShortcut", ConcatNinShortcut)
 
 
+def folded_norm_grads():
+    """While active, ddm.unet's GroupNorm gradient lets XLA fold its scale and bias gradients (sums
+    of the (B, C) sums) into reductions of the whole tensors, as before ``ddm.unet._unfolded``.
+    Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet, "_unfolded", lambda *sums: sums)
+
+
 def _raveled_norm(tree, *args, **kwargs):
     """The L2 norm of all of ``tree``'s leaves as one concatenated vector: one concatenation and one
     reduction, where optax.tree.norm reduces each leaf on its own."""
@@ -875,12 +884,39 @@ def _raveled_norm(tree, *args, **kwargs):
 
 def flat_norm():
     """While active, the gradients' global norm (ddm.train's clip and its grad_norm metric, both
-    through ``optax.tree.norm``) is one reduction over the gradients concatenated, in place of one
-    or two per leaf: a GPU candidate. Compiled for an H100 (``gpu_hlo.py``), the DDPM train step
-    then has 1917 kernels where it has 2244 (the 405 per-leaf reductions become 4 and a
-    concatenation) for 0.44 GB more read and written; on 2 CPU cores it ran 1.03x slower (float32,
+    through ``ddm.train.global_norm``) is one reduction over all the gradients concatenated, in place
+    of one for the small leaves and one per larger leaf: a GPU candidate. Compiled for an H100
+    (``gpu_hlo.py``), the DDPM train step then has 42 fewer kernels, for 0.37 GB more read and
+    written; against the per-leaf norms it replaced it ran 1.03x slower on 2 CPU cores (float32,
     batch 8, 4 steps per call). Trace (lower) the step inside the block."""
-    return _swapped(optax.tree, "norm", _raveled_norm)
+    from ddm import train
+
+    return _swapped(train, "global_norm", _raveled_norm)
+
+
+def leaf_norms():
+    """While active, the gradients' global norm (ddm.train's clip and its grad_norm metric) is
+    ``optax.tree.norm``'s, one reduction per leaf, in place of ``ddm.train.global_norm``'s one for
+    all the small leaves concatenated. Trace (lower) the step inside the block."""
+    from ddm import train
+
+    return _swapped(train, "global_norm", optax.tree.norm)
+
+
+@contextlib.contextmanager
+def flat_optimizer():
+    """While active, the optimizer ddm.experiment builds runs on the gradients concatenated into one
+    vector (``optax.flatten`` around the clip and Adam, whose moments are then flat vectors too), and
+    the grad_norm metric is one reduction as well (``flat_norm``): a GPU candidate. Compiled for an
+    H100 (``gpu_hlo.py``), the DDPM train step has 309 fewer kernels per step, for 0.48 GB more read
+    and written; on 2 CPU cores the same change ran 1.14x slower (float32, batch 8). Build the
+    optimizer and trace the step inside the block."""
+    from ddm import experiment
+
+    make = experiment.make_optimizer
+    with _swapped(experiment, "make_optimizer", lambda *args, **kwargs: optax.flatten(make(*args, **kwargs))):
+        with flat_norm():
+            yield
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -945,7 +981,9 @@ VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "nearest_upsample": nearest_upsample_conv, "wgrad_taps": kernel_grad_by_taps,
             "winograd_2d": winograd_small_convs, "threefry_dropout": threefry_dropout,
             "einsum_heads": einsum_heads, "direct_convs": direct_convs, "optax_clip": optax_clip,
-            "dense_4d": dense_4d, "flat_norm": flat_norm, "concat_skip": concat_skip, **ABLATIONS}
+            "dense_4d": dense_4d, "flat_norm": flat_norm, "concat_skip": concat_skip,
+            "folded_norm_grads": folded_norm_grads, "flat_optimizer": flat_optimizer,
+            "leaf_norms": leaf_norms, **ABLATIONS}
 
 
 @contextlib.contextmanager

@@ -12,9 +12,11 @@
 #                  bytes, which calibrates gpu_hlo.py's census (the cost of a GB and of a kernel)
 #   calibrate      benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json on that profile (no compile)
 #   candidates     benchmarks/variant_ab.py --k 4: what gpu_hlo.py found without a GPU, against ddm in
-#                  experiment.train's call of 4 steps: flat_norm (the gradients' global norm as one
-#                  reduction, 327 fewer kernels per step), and concat_skip, the form ddm.unet's
-#                  NinShortcut replaced (0.92 GB more per step)
+#                  experiment.train's call of 4 steps: flat_optimizer (clip and Adam on one flat
+#                  vector, 309 fewer kernels per step, 0.48 GB more), and the forms ddm replaced
+#                  without a GPU to time them: leaf_norms (before ddm.train.global_norm, 285 kernels
+#                  more), concat_skip (before ddm.unet.NinShortcut, 0.92 GB more) and
+#                  folded_norm_grads (before ddm.unet._unfolded, 0.69 GB more)
 #   gpu_check      benchmarks/gpu_check.py --peer: batch-128 train steps/s (each call waited for
 #                  and back to back) and MFU, fp32 / bf16, 50-step DDIM throughput, peak memory,
 #                  diffusers' UNet2DModel on the same GPU
@@ -76,8 +78,8 @@ stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --d
   --trace_dir "$out/profile" "${small[@]}"
 stage calibrate 20 "$py" "$here/gpu_hlo.py" --hlo "$out/profile/train/ddm/hlo.txt" --times "$out/profile/train/ddm/ops.json" \
   --top 10
-stage candidates 230 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
-  --arms ddm,flat_norm,concat_skip "${small[@]}"
+stage candidates 300 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
+  --arms ddm,flat_optimizer,leaf_norms,concat_skip,folded_norm_grads "${small[@]}"
 stage gpu_check 290 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"
 stage iddpm 200 "$py" "$here/gpu_check.py" --config cifar10_cosine --dtypes bfloat16 --peer --train_calls 6 \
   --out "$out/gpu_check_iddpm.json" "${smoke[@]}"

@@ -30,9 +30,17 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
   concat_skip       the up path's NIN shortcuts as one matmul of the input and the skip connection
                     concatenated, in place of ddm.unet.NinShortcut's matmul per part (which spares XLA
                     writing the concatenation out)
-  flat_norm         the gradients' global norm (clip and grad_norm metric) as one reduction over the
-                    gradients concatenated, in place of optax.tree.norm's one per leaf: a GPU candidate
-                    from gpu_hlo.py (327 fewer kernels per step of an H100's train call), not adopted
+  flat_norm         the gradients' global norm (clip and grad_norm metric) as one reduction over all
+                    the gradients concatenated, in place of ddm.train.global_norm's (the small leaves
+                    concatenated, a reduction per larger leaf): 42 fewer kernels per step of an H100's
+                    train call, 0.37 GB more; not adopted
+  flat_optimizer    the clip and Adam on the gradients concatenated into one vector (optax.flatten),
+                    the metric's norm one reduction too: a GPU candidate (309 fewer kernels per step,
+                    0.48 GB more; 1.14x slower on 2 CPU cores), not adopted
+  leaf_norms        the global norm as optax.tree.norm's reduction per leaf, in place of
+                    ddm.train.global_norm's one reduction for all the small leaves concatenated
+  folded_norm_grads GroupNorm's scale and bias gradients as XLA folds them, a second reduction of the
+                    whole tensors, in place of ddm.unet._unfolded's sums of the per-example sums
 Ablations (common.ABLATIONS): ddm with one piece taken out, not the same model; ddm's time minus
 the ablation's is what that piece costs in the whole step, printed per step and as a share of ddm's
 (on 2 CPU cores a profile's per-op times are no such measure: the trace timed a kernel transpose at

@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from ddm.unet import UNet
 
@@ -611,26 +612,74 @@ def test_gpu_hlo_fits_measured_kernel_times_to_bytes_and_a_cost_per_kernel():
     assert "t = bytes / (2.00 TB/s) + 3.00 us per kernel (R^2 1.00)" in lines[-1]
 
 
-def test_flat_norm_arm_takes_the_same_norm_in_one_reduction_only_inside_the_block():
-    import optax
+def test_flat_norm_and_leaf_norms_arms_take_the_same_norm_only_inside_the_block():
     from ddm import train
 
-    grads = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([3.0, 4.0])}
+    large = train.NORM_CONCAT_MAX_SIZE + 1
+    grads = {"w": jnp.full((large,), 0.5), "v": jnp.full((large,), 0.5), "b": jnp.array([3.0, 4.0]),
+             "c": jnp.zeros((2, 2))}
 
     def update(g):  # a function of its own per call: jax caches a function's trace
         optimizer = train.make_optimizer(1e-3, 0, 1.0)
         return optimizer.update(g, optimizer.init(g), g)[0]
 
-    with common.VARIANTS["flat_norm"]():
-        inside = optax.tree.norm(grads)
-        jaxpr = str(jax.make_jaxpr(lambda g: update(g))(grads))
-        assert "concatenate" in jaxpr and jaxpr.count("reduce_sum") == 1  # the clip's one norm
-        clipped = update(grads)
-    assert inside == pytest.approx(float(jnp.sqrt(55.0 + 25.0)))
-    jaxpr = str(jax.make_jaxpr(lambda g: update(g))(grads))
-    assert "concatenate" not in jaxpr and jaxpr.count("reduce_sum") == 2  # optax: one per leaf
-    for a, b in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(update(grads))):
-        assert jnp.allclose(a, b, rtol=1e-6)  # the same clipped Adam update
+    def norms(arm):
+        with common.VARIANTS[arm]():
+            jaxpr = str(jax.make_jaxpr(lambda g: update(g))(grads))
+            return train.global_norm(grads), jaxpr.count("concatenate"), jaxpr.count("reduce_sum"), update(grads)
+
+    want = float(jnp.sqrt(2 * 0.25 * large + 25.0))
+    ours, flat, leaves = norms("ddm"), norms("flat_norm"), norms("leaf_norms")
+    assert flat[1:3] == (1, 1) and leaves[1:3] == (0, 4)  # the clip's norm: one reduction, one per leaf
+    for norm, _, _, clipped in (flat, leaves):
+        assert norm == pytest.approx(want, rel=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(ours[3])):
+            np.testing.assert_allclose(a, b, rtol=1e-6)  # the same clipped Adam update
+
+
+def test_folded_norm_grads_arm_lets_xla_fold_the_norm_gradients_only_inside_the_block():
+    import ddm.unet as unet
+
+    rng = np.random.default_rng(0)
+    x, dy = (jnp.asarray(rng.normal(size=(4, 8, 8, 64)), jnp.float32) for _ in range(2))
+    scale = jnp.asarray(rng.normal(1.0, 0.3, 64), jnp.float32)
+
+    def compiled():  # a function of its own per call: jax caches a function's trace
+        vjp = lambda x, s, dy: jax.vjp(lambda x, s: unet.group_norm(x, s, s, 32, 1e-6), x, s)[1](dy)
+        return jax.jit(vjp).lower(x, scale, dy).compile()
+
+    def reductions_to_channels(c):
+        return set(re.findall(r"= f32\[64\]\{0\} reduce\([^)]*\), dimensions=\{([\d,]+)\}", c.as_text()))
+
+    with common.VARIANTS["folded_norm_grads"]():
+        folded = compiled()
+    ours = compiled()
+    assert reductions_to_channels(folded) == {"0,1,2"} and reductions_to_channels(ours) == {"0"}
+    for a, b in zip(folded(x, scale, dy), ours(x, scale, dy)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_flat_optimizer_arm_runs_the_same_update_on_one_vector_only_inside_the_block():
+    import optax
+    from ddm import experiment
+
+    config = common.load_config("cifar10_linear")
+    grads = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([3.0, 4.0])}
+    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(2)}
+
+    def update():  # clip and Adam as experiment builds them, and the step's grad_norm metric
+        optimizer = experiment.build_optimizer(config)
+        state = optimizer.init(params)
+        return optimizer.update(grads, state, params)[0], state, optax.tree.norm(grads)
+
+    with common.VARIANTS["flat_optimizer"]():
+        flat_updates, flat_state, flat_metric = update()
+    updates, state, metric = update()
+    moments = lambda s: [leaf.shape for leaf in jax.tree_util.tree_leaves(s) if leaf.ndim]
+    assert moments(flat_state) == [(8,), (8,)] and moments(state) == [(2,), (2, 3)] * 2
+    assert flat_metric == pytest.approx(float(metric))
+    for a, b in zip(jax.tree_util.tree_leaves(flat_updates), jax.tree_util.tree_leaves(updates)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_largest_batch_bisects_to_the_granularity_on_the_device_it_is_given(monkeypatch):

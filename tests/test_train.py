@@ -122,12 +122,27 @@ def test_clip_by_global_norm_matches_optax(max_norm):
     np.testing.assert_array_equal(zeros["w"], 0.0)  # a zero gradient stays zero (no 0 / 0)
 
 
+def test_global_norm_is_optax_norm_with_the_small_leaves_in_one_reduction_off_cpu():
+    rng = np.random.default_rng(0)
+    large = train.NORM_CONCAT_MAX_SIZE + 1
+    tree = {"kernel": jnp.asarray(rng.standard_normal(large), jnp.float32),
+            "small": [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((3, 4), (5,), (2, 2, 2))],
+            "at_the_limit": jnp.asarray(rng.standard_normal(train.NORM_CONCAT_MAX_SIZE), jnp.float32)}
+    np.testing.assert_allclose(train.global_norm(tree), optax.tree.norm(tree), rtol=1e-6)
+    norm = jax.jit(lambda t: train.global_norm(t))
+    lowered = {p: jax.export.export(norm, platforms=[p])(tree).mlir_module() for p in ("cuda", "tpu", "cpu")}
+    for p in ("cuda", "tpu"):  # the 4 small leaves concatenated, and the large kernel
+        assert lowered[p].count("stablehlo.concatenate") == 1 and lowered[p].count("stablehlo.reduce(") == 2
+    assert "concatenate" not in lowered["cpu"] and lowered["cpu"].count("stablehlo.reduce(") == 5
+    assert float(train.global_norm({})) == 0.0 and float(train.global_norm({"w": jnp.zeros(3)})) == 0.0
+
+
 def test_clip_by_global_norm_is_fused_into_adam():
     """optax's clip materialises the clipped gradients; ours scales inside Adam's moment updates, so
     the update (clip, Adam, EMA) reads and writes less (XLA's cost analysis of the compiled update)."""
-    params = {f"w{i}": jnp.ones((64, 256), jnp.float32) for i in range(4)}
+    params = {f"w{i}": jnp.ones((4, train.NORM_CONCAT_MAX_SIZE // 4 + 1), jnp.float32) for i in range(4)}
 
-    def bytes_accessed(clip):
+    def bytes_accessed(clip):  # (leaves global_norm does not concatenate: the clip's own bytes)
         optimizer = optax.chain(clip(1.0), optax.adam(1e-3))
 
         def update(params, opt_state, ema, grads):
