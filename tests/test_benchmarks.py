@@ -631,7 +631,7 @@ def test_flat_norm_and_leaf_norms_arms_take_the_same_norm_only_inside_the_block(
     want = float(jnp.sqrt(2 * 0.25 * large + 25.0))
     ours, flat, leaves = norms("ddm"), norms("flat_norm"), norms("leaf_norms")
     assert flat[1:3] == (1, 1) and leaves[1:3] == (0, 4)  # the clip's norm: one reduction, one per leaf
-    for norm, _, _, clipped in (flat, leaves):
+    for norm, _, _, clipped in (ours, flat, leaves):
         assert norm == pytest.approx(want, rel=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(ours[3])):
             np.testing.assert_allclose(a, b, rtol=1e-6)  # the same clipped Adam update
@@ -660,8 +660,7 @@ def test_folded_norm_grads_arm_lets_xla_fold_the_norm_gradients_only_inside_the_
 
 
 def test_flat_optimizer_arm_runs_the_same_update_on_one_vector_only_inside_the_block():
-    import optax
-    from ddm import experiment
+    from ddm import experiment, train
 
     config = common.load_config("cifar10_linear")
     grads = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([3.0, 4.0])}
@@ -670,13 +669,15 @@ def test_flat_optimizer_arm_runs_the_same_update_on_one_vector_only_inside_the_b
     def update():  # clip and Adam as experiment builds them, and the step's grad_norm metric
         optimizer = experiment.build_optimizer(config)
         state = optimizer.init(params)
-        return optimizer.update(grads, state, params)[0], state, optax.tree.norm(grads)
+        metric_jaxpr = str(jax.make_jaxpr(lambda g: train.global_norm(g))(grads))
+        return optimizer.update(grads, state, params)[0], state, train.global_norm(grads), metric_jaxpr
 
     with common.VARIANTS["flat_optimizer"]():
-        flat_updates, flat_state, flat_metric = update()
-    updates, state, metric = update()
+        flat_updates, flat_state, flat_metric, flat_jaxpr = update()
+    updates, state, metric, jaxpr = update()
     moments = lambda s: [leaf.shape for leaf in jax.tree_util.tree_leaves(s) if leaf.ndim]
     assert moments(flat_state) == [(8,), (8,)] and moments(state) == [(2,), (2, 3)] * 2
+    assert flat_jaxpr.count("reduce_sum") == 1 and "platform_index" in jaxpr  # the metric: flat_norm's one reduction
     assert flat_metric == pytest.approx(float(metric))
     for a, b in zip(jax.tree_util.tree_leaves(flat_updates), jax.tree_util.tree_leaves(updates)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
