@@ -868,8 +868,9 @@ def concat_skip():
 
 def folded_norm_grads():
     """While active, ddm.unet's GroupNorm gradient lets XLA fold its scale and bias gradients (sums
-    of the (B, C) sums) into reductions of the whole tensors, as before ``ddm.unet._unfolded``.
-    Trace (lower) the step inside the block."""
+    of the (B, C) sums) into reductions of the whole tensors on every device, as before
+    ``ddm.unet._unfolded`` (which keeps the folding on CPU only). Trace (lower) the step inside the
+    block."""
     import ddm.unet as unet
 
     return _swapped(unet, "_unfolded", lambda *sums: sums)

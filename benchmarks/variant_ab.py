@@ -40,7 +40,7 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
   leaf_norms        the global norm as optax.tree.norm's reduction per leaf, in place of
                     ddm.train.global_norm's one reduction for all the small leaves concatenated
   folded_norm_grads GroupNorm's scale and bias gradients as XLA folds them, a second reduction of the
-                    whole tensors, in place of ddm.unet._unfolded's sums of the per-example sums
+                    whole tensors, on every device; ddm.unet._unfolded folds them on CPU only
 Ablations (common.ABLATIONS): ddm with one piece taken out, not the same model; ddm's time minus
 the ablation's is what that piece costs in the whole step, printed per step and as a share of ddm's
 (on 2 CPU cores a profile's per-op times are no such measure: the trace timed a kernel transpose at

@@ -218,16 +218,18 @@ def _group_norm_fwd(x, scale, bias, num_groups, eps):
 
 
 def _unfolded(*sums):
-    """``sums`` through an optimisation barrier, so that XLA reduces them further as they are.
+    """``sums`` through an optimisation barrier off CPU, so that XLA reduces them further as they are.
 
     GroupNorm's scale and bias gradients are its (B, C) sums summed over the batch. XLA folds such a
     reduce of a reduce into one reduction of the whole (B, H, W, C) tensors, a second pass over x and
     dy (on CPU also a materialised dy * xhat). With the barrier, the DDPM train step compiled for an
     H100 reads and writes 0.69 GB less per step (of 28.1 GB) in 12 fewer kernels, IDDPM's 0.89 GB
-    less (``benchmarks/gpu_hlo.py --arms ddm,folded_norm_grads``); on 2 CPU cores the train step is
-    unchanged (1.00x; per round 0.995x).
+    less (``benchmarks/gpu_hlo.py --arms ddm,folded_norm_grads``). On 2 CPU cores the train step ran
+    at 1.00x and 0.98x of the folded form in two runs (per round 0.995x, 0.986x; float32, batch 8,
+    ``benchmarks/variant_ab.py --arms ddm,folded_norm_grads``), so CPU keeps XLA's folding
+    (``lax.platform_dependent``).
     """
-    return jax.lax.optimization_barrier(sums)
+    return jax.lax.platform_dependent(*sums, cpu=lambda *s: s, default=lambda *s: jax.lax.optimization_barrier(s))
 
 
 def _group_norm_bwd(num_groups, eps, residuals, dy):

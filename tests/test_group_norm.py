@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ddm.unet as unet
 from ddm.unet import GroupNorm, group_norm
 
 
@@ -49,11 +50,23 @@ def test_channels_must_split_into_groups():
         GroupNorm().init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))
 
 
-def test_scale_and_bias_gradients_are_summed_from_the_per_example_sums():
-    """The (C,) gradients come from the (B, C) sums the input gradient needs, not from another pass
-    over the (B, H, W, C) tensors (XLA folds a reduce of a reduce into one; ddm.unet stops it)."""
+def test_scale_and_bias_gradients_are_summed_from_the_per_example_sums_off_cpu(monkeypatch):
+    """Off CPU, the (C,) gradients come from the (B, C) sums the input gradient needs, not from another
+    pass over the (B, H, W, C) tensors: XLA folds a reduce of a reduce into one, and
+    ddm.unet._unfolded's barrier stops it there (CPU keeps the folding)."""
     x, dy, scale = jnp.ones((4, 8, 8, 64)), jnp.ones((4, 8, 8, 64)), jnp.ones(64)
-    vjp = lambda x, scale, bias, dy: jax.vjp(lambda *a: group_norm(*a, 32, 1e-6), x, scale, bias)[1](dy)
-    hlo = jax.jit(vjp).lower(x, scale, scale, dy).compile().as_text()
-    to_channels = re.findall(r"= f32\[64\]\{0\} reduce\([^)]*\), dimensions=\{([\d,]+)\}", hlo)
-    assert len(to_channels) >= 2 and set(to_channels) == {"0"}, to_channels
+
+    def vjp():  # a function of its own per call: jax caches a function's trace
+        return jax.jit(lambda x, s, b, dy: jax.vjp(lambda *a: group_norm(*a, 32, 1e-6), x, s, b)[1](dy))
+
+    def reductions_to_channels():  # compiled here, on CPU
+        hlo = vjp().lower(x, scale, scale, dy).compile().as_text()
+        return set(re.findall(r"= f32\[64\]\{0\} reduce\([^)]*\), dimensions=\{([\d,]+)\}", hlo))
+
+    lowered = {p: jax.export.export(vjp(), platforms=[p])(x, scale, scale, dy).mlir_module()
+               for p in ("cuda", "tpu", "cpu")}
+    assert "optimization_barrier" in lowered["cuda"] and "optimization_barrier" in lowered["tpu"]
+    assert "optimization_barrier" not in lowered["cpu"]
+    assert reductions_to_channels() == {"0,1,2"}  # folded: reductions of the whole tensors
+    monkeypatch.setattr(unet, "_unfolded", lambda *sums: jax.lax.optimization_barrier(sums))  # off CPU's branch
+    assert reductions_to_channels() == {"0"}  # the (B, C) sums summed over the batch
