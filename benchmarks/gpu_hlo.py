@@ -59,7 +59,8 @@ JAX_MEMORY_FRACTION = 0.75
 # Kernels that do the matmul FLOPs, the hand count's (common.hand_flops): their time is bounded by
 # FLOPs; every other kernel's by bytes. (XLA:CPU's HLO, which the census also reads, has them as
 # plain convolution and dot instructions.)
-MATMUL_KINDS = ("conv forward", "conv input gradient", "conv kernel gradient", "gemm", "convolution", "dot")
+MATMUL_KINDS = ("conv forward", "conv input gradient", "conv kernel gradient", "gemm", "fused attention",
+                "convolution", "dot")
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
           "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -70,7 +71,8 @@ _SLICING = {"slice", "dynamic-slice"}
 _CUSTOM_CALLS = {"__cudnn$convForward": "conv forward", "__cudnn$convBiasActivationForward": "conv forward",
                  "__cudnn$convBackwardInput": "conv input gradient",
                  "__cudnn$convBackwardFilter": "conv kernel gradient", "__cublas$gemm": "gemm",
-                 "__cublas$lt$matmul": "gemm"}
+                 "__cublas$lt$matmul": "gemm", "__cudnn$fmhaSoftmax": "fused attention",
+                 "__cudnn$fmhaSoftmaxBackward": "fused attention"}
 _INSTRUCTION = re.compile(r"(ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 
 
@@ -355,12 +357,34 @@ def report_times(kernels, times: dict, lines=print):
           f"+ {b * 1e6:.2f} us per kernel (R^2 {r2:.2f})")
 
 
+@contextlib.contextmanager
+def _compute_capability(device):
+    """While active, JAX's cuDNN attention takes its compute-capability checks (the head size it
+    allows: 256 from Hopper on, 128 before) from ``device``; it asks the default backend, which is
+    the CPU when compiling for a compile-only device. (A private JAX function: without it, or
+    where its name has changed, nothing is patched.)"""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+    except ImportError:
+        fused = None
+    if fused is None or not hasattr(fused, "check_compute_capability") or not hasattr(device, "compute_capability"):
+        yield
+        return
+    have = tuple(int(x) for x in device.compute_capability.split("."))
+    saved = fused.check_compute_capability
+    fused.check_compute_capability = lambda capability: have >= tuple(int(x) for x in capability.split("."))
+    try:
+        yield
+    finally:
+        fused.check_compute_capability = saved
+
+
 def train_hlo(args, arm: str, devices, compiler_options=None):
     """(optimised HLO text, the compiled ``common.TrainCall``) of ddm's train call with ``arm`` (a
     common.VARIANTS name; ddm as it is with ``compiler_options``), for ``devices``."""
     import common
 
-    with common.VARIANTS[arm if compiler_options is None else "ddm"]():
+    with common.VARIANTS[arm if compiler_options is None else "ddm"](), _compute_capability(devices[0]):
         call = common.TrainCall(args.config, args.dtype, args.batch, args.k, devices=devices,
                                 donate=None if args.donate is None else bool(args.donate))
         compiled = call.compile(compiler_options)

@@ -11,6 +11,10 @@
 #                  `gpu_hlo.py --hlo hlo.txt --times ops.json`: each kernel's measured time against its
 #                  bytes, which calibrates gpu_hlo.py's census (the cost of a GB and of a kernel)
 #   calibrate      benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json on that profile (no compile)
+#   attention      benchmarks/variant_ab.py --arms ddm,cudnn_attention: cuDNN's fused attention
+#                  (model.attention='cudnn'; 1.01 GB and 41 kernels less per train step by gpu_hlo.py)
+#                  against XLA's products and softmax, in the call of 4 train steps and the DDIM-50
+#                  sampler call (under SMOKE, ddm alone: a CPU has no cuDNN)
 #   candidates     benchmarks/variant_ab.py --k 4: what gpu_hlo.py found without a GPU, against ddm in
 #                  experiment.train's call of 4 steps: flat_optimizer (clip and Adam on one flat
 #                  vector, 309 fewer kernels per step, 0.48 GB more), and the forms ddm replaced
@@ -34,8 +38,9 @@
 # On an H100 (jax 0.11.2, 2026-11-28) gpu_check took 255 s (its peer ran out of memory in the same
 # process then, and now runs in one of its own, 31 s more), profile 54 s, and variant_ab's arms 27 to
 # 35 s per compile of the K=1 train call. Each stage's start threshold below is that time, or an
-# estimate from it where the stage has not run on a GPU yet: iddpm (one dtype of gpu_check's two, a
-# larger U-Net), the ablations (six compiles) and largest_batch (five). All of them need more than
+# estimate from it where the stage has not run on a GPU yet: attention (two train compiles of 45 s,
+# two sampler compiles), iddpm (one dtype of gpu_check's two, a larger U-Net), the ablations (six
+# compiles) and largest_batch (five). All of them need more than
 # one device call's 10 minutes: give BUDGET_S as what the lease leaves, and STAGES for a second call.
 # (The CPU-motivated arms, dense_4d, threefry_dropout, optax_clip and nearest_upsample, were run on
 # that H100 and are in README.md: `variant_ab.py --arms ddm,dense_4d,... --dtype bfloat16 --k 1`.)
@@ -50,8 +55,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/ddm_jax_cache}
 start=$SECONDS
-batch=128 small=() smoke=() memory=(--memory_gib 0)
-if [[ ${SMOKE:-0} == 1 ]]; then batch=4 small=(--ch 32) smoke=(--smoke) memory=(--memory_gib 0.25); fi
+batch=128 small=() smoke=() memory=(--memory_gib 0) attention_arms=ddm,cudnn_attention
+if [[ ${SMOKE:-0} == 1 ]]; then
+  batch=4 small=(--ch 32) smoke=(--smoke) memory=(--memory_gib 0.25) attention_arms=ddm
+fi
 
 stage() {  # stage NAME SECONDS_NEEDED COMMAND...
   local name=$1 need=$2 left
@@ -78,6 +85,8 @@ stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --d
   --trace_dir "$out/profile" "${small[@]}"
 stage calibrate 20 "$py" "$here/gpu_hlo.py" --hlo "$out/profile/train/ddm/hlo.txt" --times "$out/profile/train/ddm/ops.json" \
   --top 10
+stage attention 180 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train,sample_scan --batches $batch --k 4 \
+  --calls 10 --arms $attention_arms "${small[@]}"
 stage candidates 300 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
   --arms ddm,flat_optimizer,leaf_norms,concat_skip,folded_norm_grads "${small[@]}"
 stage gpu_check 290 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"

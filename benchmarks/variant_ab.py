@@ -41,6 +41,9 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     ddm.train.global_norm's one reduction for all the small leaves concatenated
   folded_norm_grads GroupNorm's scale and bias gradients as XLA folds them, a second reduction of the
                     whole tensors, on every device; ddm.unet._unfolded folds them on CPU only
+  cudnn_attention   cuDNN's fused attention (model.attention='cudnn') in place of the default XLA
+                    products and softmax: NVIDIA GPUs and bfloat16 only (1.01 GB and 41 kernels less
+                    per step of an H100's train call by gpu_hlo.py)
 Ablations (common.ABLATIONS): ddm with one piece taken out, not the same model; ddm's time minus
 the ablation's is what that piece costs in the whole step, printed per step and as a share of ddm's
 (on 2 CPU cores a profile's per-op times are no such measure: the trace timed a kernel transpose at

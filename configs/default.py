@@ -28,6 +28,7 @@ def get_config():
     model.scale_shift_norm = False  # IDDPM adaptive group norm from the timestep embedding
     model.class_conditional = False  # add a label embedding (uses data.num_classes)
     model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+    model.attention = "xla"  # "xla" (any device) or "cudnn" (fused attention: NVIDIA GPUs, bfloat16)
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.num_timesteps = 1000  # T

@@ -22,7 +22,7 @@ from ddm.schedules import get_betas
 from ddm.timestep_sampling import get_timestep_sampler
 from ddm.train import (backend_choices, create_train_state, ema_key, learning_rate_schedule, make_multi_step,
                        make_optimizer, make_sample_step, make_train_step, replicate, unreplicate)
-from ddm.unet import UNet
+from ddm.unet import ATTENTION_IMPLEMENTATIONS, UNet
 
 RESPACINGS = {"uniform": "{}", "ddim": "ddim{}", "quad": "quad{}"}
 
@@ -49,13 +49,25 @@ def build_model(config: ml_collections.ConfigDict, channels: int) -> UNet:
     c = config.model
     if c.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"unknown model.dtype={c.dtype!r}; allowed: 'float32', 'bfloat16'")
+    if c.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown model.attention={c.attention!r}; allowed: "
+                         f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
+    if c.attention == "cudnn":
+        if c.dtype != "bfloat16":
+            raise ValueError(f"model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN's fused attention has "
+                             f"no float32 kernel), got {c.dtype!r}: set --config.model.dtype=bfloat16 or "
+                             f"--config.model.attention=xla")
+        platform = jax.local_devices()[0].client.platform_version
+        if "cuda" not in platform.lower():
+            raise ValueError(f"model.attention='cudnn' runs on NVIDIA GPUs only, and this run's platform is "
+                             f"{platform!r}: set --config.model.attention=xla")
     learned = config.diffusion.var_type in ("learned", "learned_range")
     return UNet(ch=c.ch, ch_mult=tuple(c.ch_mult), num_res_blocks=c.num_res_blocks,
                 attn_resolutions=tuple(c.attn_resolutions), dropout=c.dropout,
                 out_channels=2 * channels if learned else channels, resblock_updown=c.resblock_updown,
                 num_heads=c.num_heads, num_head_channels=c.num_head_channels, scale_shift_norm=c.scale_shift_norm,
                 num_classes=config.data.num_classes if c.class_conditional else None,
-                dtype=jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32)
+                dtype=jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32, attention=c.attention)
 
 
 def build_optimizer(config: ml_collections.ConfigDict):

@@ -491,16 +491,39 @@ class NinShortcut(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-def multi_head_attention(q, k, v, num_heads: int):
+# How multi_head_attention computes (UNet.attention).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def multi_head_attention(q, k, v, num_heads: int, implementation: str = "xla"):
     """softmax(q k^T / sqrt(d)) v per head, over all H*W positions: q, k, v (B, H, W, C) -> (B, H, W, C),
     each split into ``num_heads`` heads of d = C / num_heads channels; the softmax runs in float32.
 
-    The heads are moved into the batch axis, so both products are plain batched matmuls. With the
-    heads as an einsum axis ("bqnd,bknd->bnqk") instead, the DDPM CIFAR-10 U-Net with 4 heads took
-    1.09x as long per sampling step on 2 CPU cores (batch 8); with DDPM's one head the train step
-    was unchanged (1.00x to 1.01x) (``benchmarks/variant_ab.py --arms ddm,einsum_heads --num_heads 4``)."""
+    ``implementation="xla"`` (any device and dtype) moves the heads into the batch axis, so both
+    products are plain batched matmuls. With the heads as an einsum axis ("bqnd,bknd->bnqk")
+    instead, the DDPM CIFAR-10 U-Net with 4 heads took 1.09x as long per sampling step on 2 CPU
+    cores (batch 8); with DDPM's one head the train step was unchanged (1.00x to 1.01x)
+    (``benchmarks/variant_ab.py --arms ddm,einsum_heads --num_heads 4``).
+
+    ``implementation="cudnn"`` is cuDNN's fused (flash) attention,
+    ``jax.nn.dot_product_attention(implementation="cudnn")``: one kernel forward and one backward,
+    so the (B, heads, L, L) logits and weights are never written to memory. It needs an NVIDIA GPU,
+    bfloat16 or float16 inputs and d <= 256 on Hopper and later (d <= 128 before), which JAX checks.
+    Compiled for an H100 (``benchmarks/gpu_hlo.py --arms ddm,cudnn_attention``), the bfloat16 train
+    step at batch 128 moves 1.01 GB less per step with it (41 kernels fewer) for DDPM CIFAR-10, and
+    1.41 GB less (55 fewer) for IDDPM's."""
     b, height, width, c = q.shape
     head_ch = c // num_heads
+    if implementation == "cudnn":
+        # (B, L, heads, d), the layout dot_product_attention takes, is a reshape: no transpose.
+        split = lambda a: a.reshape(b, height * width, num_heads, head_ch)
+        try:
+            h = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation="cudnn")
+        except (NotImplementedError, RuntimeError) as e:  # JAX's checks of cuDNN, the GPU and the shapes
+            raise ValueError(f"attention implementation 'cudnn' cannot run heads of {head_ch} channels "
+                             f"over {height * width} positions in {q.dtype} here: {e} Use 'xla' "
+                             f"(UNet.attention, the config's model.attention).") from e
+        return h.reshape(q.shape)
     to_heads = lambda a: a.reshape(b, height * width, num_heads, head_ch).swapaxes(1, 2).reshape(
         b * num_heads, height * width, head_ch)
     q, k, v = to_heads(q), to_heads(k), to_heads(v)
@@ -518,16 +541,18 @@ class AttnBlock(nn.Module):
     attention logits are scaled by (C / num_heads) ** -0.5 and the softmax runs in float32. The
     output projection starts at zero, so the block starts as the identity.
 
-    Shapes: (B, H, W, C) -> (B, H, W, C); C must be divisible by num_heads.
+    Shapes: (B, H, W, C) -> (B, H, W, C); C must be divisible by num_heads. `implementation` is
+    multi_head_attention's.
     """
     num_heads: int = 1
     dtype: Any = jnp.float32
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         h = GroupNorm(dtype=self.dtype, name="norm")(x)
         q, k, v = (_dense(x.shape[-1], self.dtype, name=n)(h) for n in ("q", "k", "v"))
-        h = multi_head_attention(q, k, v, self.num_heads)
+        h = multi_head_attention(q, k, v, self.num_heads, self.implementation)
         return x + _dense(x.shape[-1], self.dtype, zero=True, name="proj_out")(h)
 
 
@@ -561,6 +586,9 @@ class UNet(nn.Module):
         added to the timestep embedding, and `y` is required. (IDDPM's code)
       dtype: compute dtype (e.g. jnp.bfloat16); parameters are always float32 and the output is
         float32.
+      attention: how the attention blocks compute (`multi_head_attention`): "xla" (any device
+        and dtype) or "cudnn" (cuDNN's fused attention: NVIDIA GPUs, bfloat16). The parameters
+        are the same either way.
 
     `__call__(x, t, y=None, *, train)`:
       x: (B, H, W, C) float images (NHWC, in [-1, 1] by the library's convention).
@@ -583,6 +611,7 @@ class UNet(nn.Module):
     scale_shift_norm: bool = False
     num_classes: Optional[int] = None
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     def _heads(self, channels: int) -> int:
         """Attention heads for a block of `channels` channels; ValueError if they do not fit."""
@@ -605,6 +634,12 @@ class UNet(nn.Module):
         b, height, width, _ = x.shape
         if jnp.shape(t) != (b,):
             raise ValueError(f"UNet: t must have shape (B,) = ({b},), got {jnp.shape(t)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"UNet.attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"UNet.attention='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused attention "
+                             f"has no float32 kernel), got {jnp.dtype(self.dtype).name}: use attention='xla' "
+                             f"or dtype=jnp.bfloat16")
         if self.ch % NUM_GROUPS:
             raise ValueError(
                 f"UNet.ch={self.ch} must be divisible by the {NUM_GROUPS} GroupNorm groups")
@@ -649,7 +684,8 @@ class UNet(nn.Module):
                             dtype=self.dtype, name=name)(h, emb, train=train, concat=concat)
 
         def attn_block(h, name):
-            return AttnBlock(self._heads(h.shape[-1]), dtype=self.dtype, name=name)(h)
+            return AttnBlock(self._heads(h.shape[-1]), dtype=self.dtype, implementation=self.attention,
+                             name=name)(h)
 
         h = _conv(self.ch, self.dtype, name="conv_in")(x)
         hs = [h]

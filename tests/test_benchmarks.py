@@ -374,7 +374,8 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = (tmp_path / "summary.txt").read_text()
-    for stage in ("profile", "calibrate", "candidates", "gpu_check", "iddpm", "ablations", "largest_batch", "xla"):
+    for stage in ("profile", "calibrate", "attention", "candidates", "gpu_check", "iddpm", "ablations",
+                  "largest_batch", "xla"):
         assert f"skipped {stage}: " in summary
     assert f"jax {jax.__version__}" in summary and "total " in summary
     assert not list(tmp_path.glob("*.log"))
@@ -383,7 +384,7 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "STAGES": "profile,xla"})
     assert done.returncode == 0, done.stderr
     summary = (chosen / "summary.txt").read_text()
-    for stage in ("calibrate", "candidates", "gpu_check", "iddpm", "ablations", "largest_batch"):
+    for stage in ("calibrate", "attention", "candidates", "gpu_check", "iddpm", "ablations", "largest_batch"):
         assert f"not chosen: {stage} (STAGES=profile,xla)" in summary and f"skipped {stage}" not in summary
     assert "skipped profile: " in summary and "skipped xla: " in summary
 
@@ -549,6 +550,50 @@ def test_gpu_hlo_lower_bound_is_matmul_flops_or_bytes_plus_the_other_bytes():
     # 3 GB at 2 TB/s (1.5 ms), whichever is longer.
     assert gpu_hlo.lower_bound_s(kernels, 1e12, 1e15, 2e12) == pytest.approx(3e-3 + 1.5e-3)
     assert gpu_hlo.lower_bound_s(kernels, 4e12, 1e15, 2e12) == pytest.approx(3e-3 + 4e-3)
+
+
+def test_gpu_hlo_counts_cudnn_attention_as_a_matmul_kernel():
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    for target in ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"):
+        line = (f'%fmha = (bf16[2,1,16,64]{{3,1,2,0}}, u8[0]{{0}}) custom-call(%q, %k, %v), '
+                f'custom_call_target="{target}"')
+        instruction = gpu_hlo._instruction(line)
+        assert gpu_hlo.kernel_kind(instruction) == "fused attention" in gpu_hlo.MATMUL_KINDS
+
+
+def test_gpu_hlo_answers_jax_cudnn_checks_for_the_compile_only_device():
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    check = fused.check_compute_capability
+    hopper = type("Device", (), {"compute_capability": "9.0"})()
+    with gpu_hlo._compute_capability(hopper):
+        assert fused.check_compute_capability("9.0") and fused.check_compute_capability("8.0")
+        assert not fused.check_compute_capability("10.0")
+    assert fused.check_compute_capability is check
+    with gpu_hlo._compute_capability(jax.devices("cpu")[0]):  # not a GPU: nothing to answer
+        assert fused.check_compute_capability is check
+
+
+def test_cudnn_attention_arm_swaps_the_attention_only_inside_the_block(monkeypatch):
+    import ddm.unet as unet
+
+    calls, jax_attention = [], jax.nn.dot_product_attention
+
+    def dot_product_attention(q, k, v, implementation=None):  # cuDNN needs a GPU: XLA's stands in
+        calls.append(implementation)
+        return jax_attention(q, k, v, implementation="xla")
+
+    monkeypatch.setattr(unet.jax.nn, "dot_product_attention", dot_product_attention)
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_heads=2)
+    params = common.random_params(model, (8, 8, 3))
+    x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3)), jnp.array([3, 500])
+    with common.VARIANTS["cudnn_attention"]():
+        arm_out = model.apply({"params": params}, x, t, train=False)
+    assert calls == ["cudnn"] * 4  # at 4x4: one down the U-Net, the middle, two up
+    ddm_out = model.apply({"params": params}, x, t, train=False)
+    assert len(calls) == 4 and float(jnp.abs(ddm_out).mean()) > 1e-2
+    assert jnp.allclose(arm_out, ddm_out, rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_hlo_target_config_carries_the_spec_and_an_entry_is_required():

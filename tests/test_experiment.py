@@ -108,6 +108,27 @@ def test_bad_config_fails_with_the_field_named(field, value, match):
         experiment.build_sampling_diffusion(config, experiment.build_diffusion(config))
 
 
+@pytest.mark.parametrize("dtype, attention, match", [
+    ("bfloat16", "flash", r"unknown model.attention='flash'; allowed: 'xla', 'cudnn'"),
+    ("float32", "cudnn", r"model.attention='cudnn' needs model.dtype='bfloat16'.*--config.model.dtype=bfloat16"),
+    ("bfloat16", "cudnn", r"model.attention='cudnn' runs on NVIDIA GPUs only.*'cpu'.*--config.model.attention=xla"),
+])
+def test_bad_attention_fails_with_the_field_named(dtype, attention, match):
+    config = tiny_config()
+    config.model.dtype, config.model.attention = dtype, attention
+    with pytest.raises(ValueError, match=match):
+        experiment.build_model(config, 1)
+
+
+def test_build_model_passes_the_attention_implementation(monkeypatch):
+    monkeypatch.setattr(jax.Device, "client", property(lambda d: type("C", (), {"platform_version": "cuda 12090"})),
+                        raising=False)
+    config = tiny_config()
+    config.model.dtype, config.model.attention = "bfloat16", "cudnn"
+    assert experiment.build_model(config, 1).attention == "cudnn"
+    assert experiment.build_model(tiny_config(), 1).attention == "xla"
+
+
 def test_builders_import_without_tensorflow():
     # The benchmarks on an accelerator image (no TensorFlow, clu or tensorflow-datasets there) use
     # experiment's builders: only experiment.train may need clu's TensorFlow writers.

@@ -231,6 +231,8 @@ def test_jit_batch_of_one_and_examples_are_independent():
     (dict(attn_resolutions=(4, 16)), 8, False, r"attn_resolutions=\(4, 16\).*\[16\].*\[8, 4\]"),
     (dict(num_classes=10), 8, False, r"num_classes=10.*y"),
     (dict(), 8, True, r"num_classes=None.*y"),
+    (dict(attention="flash"), 8, False, r"attention='flash' is not one of \('xla', 'cudnn'\)"),
+    (dict(attention="cudnn"), 8, False, r"attention='cudnn' needs dtype bfloat16 or float16.*got float32"),
 ])
 def test_bad_config_raises(options, size, use_y, match):
     model = UNet(**{**TINY, **options})
@@ -450,3 +452,39 @@ def test_nin_shortcut_of_parts_is_the_dense_layer_of_their_concatenation(dtype, 
     dense = nn.Dense(16, dtype=dtype).apply({"params": params}, jnp.concatenate([a, b], axis=-1))
     assert y.dtype == dtype and y.shape == (2, 4, 4, 16)
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(dense, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_cudnn_attention_passes_the_heads_as_dot_product_attention_takes_them(monkeypatch, num_heads):
+    # cuDNN needs an NVIDIA GPU. Here JAX's XLA implementation of the same call stands in for it, so this
+    # checks ddm's side of the call: the (B, L, heads, d) layout, the default 1/sqrt(d) scale, the way back.
+    calls, jax_attention = [], jax.nn.dot_product_attention
+
+    def dot_product_attention(q, k, v, implementation=None):
+        calls.append((q.shape, implementation))
+        return jax_attention(q, k, v, implementation="xla")
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 4, 4, 64)) for i in range(3))
+    xla = unet.multi_head_attention(q, k, v, num_heads)
+    monkeypatch.setattr(unet.jax.nn, "dot_product_attention", dot_product_attention)
+    cudnn = unet.multi_head_attention(q, k, v, num_heads, "cudnn")
+    assert calls == [((2, 16, num_heads, 64 // num_heads), "cudnn")]
+    np.testing.assert_allclose(cudnn, xla, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(xla - v).mean()) > 0.1  # the weights are not one-hot: the softmax matters
+
+
+def test_cudnn_attention_where_jax_refuses_it_names_the_option_and_the_fix():
+    q = jnp.ones((1, 4, 4, 64), jnp.bfloat16)  # on a CPU JAX finds no cuDNN
+    with pytest.raises(ValueError, match=r"'cudnn' cannot run heads of 64 channels over 16 positions in "
+                                         r"bfloat16 here: .*cuDNN.* Use 'xla' \(UNet.attention"):
+        unet.multi_head_attention(q, q, q, 1, "cudnn")
+
+
+def test_unet_attention_option_reaches_every_attention_block(monkeypatch):
+    seen = []
+    monkeypatch.setattr(unet, "multi_head_attention",
+                        lambda q, k, v, num_heads, implementation: seen.append(implementation) or q)
+    model = UNet(**TINY, dtype=jnp.bfloat16, attention="cudnn")
+    x, t = _inputs()
+    jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t, train=False), x, t)
+    assert seen == ["cudnn"] * 4  # at 4x4: one down the U-Net, the middle, two up
