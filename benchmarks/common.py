@@ -548,13 +548,17 @@ class SampleCall(Lowered):
         n = len(self.devices)
         if batch % n:
             raise ValueError(f"batch {batch} must be a multiple of the {n} devices")
-        # one device: jit; several: pmap over batch / n images each, parameters broadcast
+        # one device: jit, lowered for that device (a compile-only one too); several: pmap over
+        # batch / n images each, parameters broadcast
         self.x_shape = (batch,) + tuple(image_shape) if n == 1 else (n, batch // n) + tuple(image_shape)
         self.fn = jax.jit(fn) if n == 1 else jax.pmap(fn, in_axes=(None, 0, None, None), devices=self.devices)
         self.model, self.image_shape, self.batch, self.diffusion = model, image_shape, batch, d
-        params = jax.eval_shape(lambda: random_params(model, image_shape))
-        self.lowered = self.fn.lower(params, jax.ShapeDtypeStruct(self.x_shape, jnp.float32),
-                                     jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
+        sharding = jax.sharding.SingleDeviceSharding(self.devices[0]) if n == 1 else None
+        on_device = lambda tree: jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+        self.lowered = self.fn.lower(*on_device((
+            jax.eval_shape(lambda: random_params(model, image_shape)), jax.ShapeDtypeStruct(self.x_shape, jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))))
         self.compiled = None
 
     def materialize(self):

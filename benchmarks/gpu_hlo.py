@@ -1,10 +1,11 @@
-"""ddm's train call as XLA:GPU compiles it for an H100, on a machine without a GPU: the optimised
-program's kernels, what each reads and writes, and the step time no schedule of those kernels can
-beat.
+"""ddm's train call (or sampling step) as XLA:GPU compiles it for an H100, on a machine without a GPU:
+the optimised program's kernels, what each reads and writes, and the step time no schedule of those
+kernels can beat.
 
     python benchmarks/gpu_hlo.py [--config cifar10_linear] [--dtype bfloat16] [--batch 128] [--k 4]
                                  [--arms ddm,optax_clip] [--donate 1] [--hlo_out DIR] [--top 15]
                                  [--xla_options 'NAME={"xla_gpu_...": true}']
+    python benchmarks/gpu_hlo.py --step sample --batch 2000 [--arms ...]   # one DDIM-50 sampling step
     python benchmarks/gpu_hlo.py --largest_batch [--dtype bfloat16]   # the largest batch that fits
     python benchmarks/gpu_hlo.py --hlo FILE [FILE ...]     # a census of HLO already written
     python benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json   # with profile_steps.py's kernel times
@@ -379,14 +380,18 @@ def _compute_capability(device):
         fused.check_compute_capability = saved
 
 
-def train_hlo(args, arm: str, devices, compiler_options=None):
-    """(optimised HLO text, the compiled ``common.TrainCall``) of ddm's train call with ``arm`` (a
+def step_hlo(args, arm: str, devices, compiler_options=None):
+    """(optimised HLO text, the compiled call) of ddm's train call (``common.TrainCall``) or, with
+    ``args.step == "sample"``, one DDIM-50 sampling step (``common.SampleCall``) with ``arm`` (a
     common.VARIANTS name; ddm as it is with ``compiler_options``), for ``devices``."""
     import common
 
     with common.VARIANTS[arm if compiler_options is None else "ddm"](), _compute_capability(devices[0]):
-        call = common.TrainCall(args.config, args.dtype, args.batch, args.k, devices=devices,
-                                donate=None if args.donate is None else bool(args.donate))
+        if args.step == "sample":
+            call = common.SampleCall(args.config, args.dtype, args.batch, method="ddim", steps=50, devices=devices[:1])
+        else:
+            call = common.TrainCall(args.config, args.dtype, args.batch, args.k, devices=devices,
+                                    donate=None if args.donate is None else bool(args.donate))
         compiled = call.compile(compiler_options)
     print(f"{arm}: compiled for {devices[0].device_kind} in {call.compile_s:.0f} s")
     return compiled.as_text(), call
@@ -400,6 +405,8 @@ def main():
     parser.add_argument("--config", default="cifar10_linear")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--step", default="train", choices=("train", "sample"),
+                        help="the train call, or one DDIM-50 sampling step (give --batch, e.g. 2000)")
     parser.add_argument("--k", type=int, default=4, help="train steps per call (experiment.train's default)")
     parser.add_argument("--arms", default="ddm", help="common.VARIANTS, comma-separated")
     parser.add_argument("--donate", type=int, choices=(0, 1), help="donate the state (default: as on a GPU, 1)")
@@ -448,25 +455,27 @@ def main():
               + (f" ({fails} does not)" if fails else ""))
         return
     rows = []
+    per_call = 1 if args.step == "sample" else args.k
+    what = "one DDIM-50 sampling step" if args.step == "sample" else f"a call of {args.k} train step(s)"
     for arm in arms + list(options):
-        text, call = train_hlo(args, arm, devices, options.get(arm))
+        text, call = step_hlo(args, arm, devices, options.get(arm))
         if args.hlo_out:
             os.makedirs(args.hlo_out, exist_ok=True)
-            with open(os.path.join(args.hlo_out, f"train_{arm}.hlo"), "w") as f:
+            with open(os.path.join(args.hlo_out, f"{args.step}_{arm}.hlo"), "w") as f:
                 f.write(text)
         kernels = census(text)
-        flops = common.hand_flops(call.model, call.image_shape, args.batch)["train"] * args.k
+        flops = common.hand_flops(call.model, call.image_shape, args.batch)[
+            "forward" if args.step == "sample" else "train"] * per_call
         peak = spec["peak_flops"][args.dtype]
         bound = lower_bound_s(kernels, flops, peak, spec["memory_bandwidth"])
-        print(f"== {arm}: {args.config} {args.dtype}, batch {args.batch}, a call of {args.k} step(s)")
+        print(f"== {arm}: {args.config} {args.dtype}, batch {args.batch}, {what}")
         report(kernels, spec["memory_bandwidth"], args.top)
-        print(f"  lower bound per step: {bound / args.k * 1e3:.2f} ms ({flops / args.k / 1e9:.0f} GFLOP at "
+        print(f"  lower bound per step: {bound / per_call * 1e3:.2f} ms ({flops / per_call / 1e9:.0f} GFLOP at "
               f"{peak / 1e12:.0f} TFLOP/s, the rest at {spec['memory_bandwidth'] / 1e12:.2f} TB/s): "
-              f"{args.k / bound:.1f} steps/s at most, MFU at most {flops / bound / peak:.1%}")
-        rows.append((arm, len(kernels) / args.k, sum(k.bytes < 2 ** 20 for k in kernels) / args.k,
-                     sum(k.bytes for k in kernels) / args.k, bound / args.k, flops / bound / peak))
-    print(f"\nper step ({args.config} {args.dtype}, batch {args.batch}, {args.k} per call), each arm against "
-          f"{rows[0][0]}:")
+              f"{per_call / bound:.1f} steps/s at most, MFU at most {flops / bound / peak:.1%}")
+        rows.append((arm, len(kernels) / per_call, sum(k.bytes < 2 ** 20 for k in kernels) / per_call,
+                     sum(k.bytes for k in kernels) / per_call, bound / per_call, flops / bound / peak))
+    print(f"\nper step ({args.config} {args.dtype}, batch {args.batch}, {what}), each arm against {rows[0][0]}:")
     print(f"  {'arm':<20} {'kernels':>8} {'< 1 MB':>7} {'GB':>7} {'bound ms':>9} {'MFU <=':>7} | "
           f"{'kernels':>8} {'GB':>7} {'bound ms':>9}")
     for arm, n, small, moved, bound, mfu in rows:

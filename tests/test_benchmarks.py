@@ -561,6 +561,17 @@ def test_gpu_hlo_counts_cudnn_attention_as_a_matmul_kernel():
         assert gpu_hlo.kernel_kind(instruction) == "fused attention" in gpu_hlo.MATMUL_KINDS
 
 
+def test_gpu_hlo_compiles_the_sampling_step_for_the_device_it_is_given():
+    import types
+
+    gpu_hlo = _benchmark_script("gpu_hlo")
+    args = types.SimpleNamespace(step="sample", config="digits", dtype="float32", batch=2)
+    text, call = gpu_hlo.step_hlo(args, "ddm", jax.devices("cpu"))
+    kernels = gpu_hlo.census(text)
+    assert (call.method, call.steps, call.x_shape) == ("ddim", 50, (2, 8, 8, 1))  # digits: 8x8, 1 channel
+    assert any(k.kind == "convolution" for k in kernels) and not any(k.part.startswith("backward") for k in kernels)
+
+
 def test_gpu_hlo_answers_jax_cudnn_checks_for_the_compile_only_device():
     from jax._src.cudnn import fused_attention_stablehlo as fused
 
