@@ -40,8 +40,8 @@
 # 35 s per compile of the K=1 train call. Each stage's start threshold below is that time, or an
 # estimate from it where the stage has not run on a GPU yet: attention (two train compiles of 45 s,
 # two sampler compiles), iddpm (one dtype of gpu_check's two, a larger U-Net), the ablations (six
-# compiles) and largest_batch (five). All of them need more than
-# one device call's 10 minutes: give BUDGET_S as what the lease leaves, and STAGES for a second call.
+# compiles) and largest_batch (five). All of them need more than one device call's 10 minutes: give
+# BUDGET_S as what the lease leaves, and STAGES for a second call.
 # (The CPU-motivated arms, dense_4d, threefry_dropout, optax_clip and nearest_upsample, were run on
 # that H100 and are in README.md: `variant_ab.py --arms ddm,dense_4d,... --dtype bfloat16 --k 1`.)
 # OUT_DIR gets summary.txt (each stage's exit status and the time it ended) and one log per stage.
