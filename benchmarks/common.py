@@ -885,11 +885,27 @@ def concat_skip():
 def folded_norm_grads():
     """While active, ddm.unet's GroupNorm gradient lets XLA fold its scale and bias gradients (sums
     of the (B, C) sums) into reductions of the whole tensors on every device, as before
-    ``ddm.unet._unfolded`` (which keeps the folding on CPU only). Trace (lower) the step inside the
-    block."""
+    ``ddm.unet._scale_bias_grads`` (which keeps the folding on CPU only). Trace (lower) the step
+    inside the block."""
     import ddm.unet as unet
 
-    return _swapped(unet, "_unfolded", lambda *sums: sums)
+    return _swapped(unet, "_scale_bias_grads", lambda a, b: (jnp.sum(a, axis=0), jnp.sum(b, axis=0)))
+
+
+@contextlib.contextmanager
+def reduced_group_sums():
+    """While active, ddm.unet's GroupNorm sums its groups' channels with a reduction on every device
+    and size, in place of ``ddm.unet._group_sums``' adds of strided slices on GPUs, and sums its scale
+    and bias gradients over the batch as two reductions (through the same barrier), in place of
+    ``ddm.unet._stacked_batch_sums``' one: as before both. Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    def two_reductions(dy_xhat, dy_sum):
+        return tuple(jnp.sum(s, axis=0) for s in jax.lax.optimization_barrier((dy_xhat, dy_sum)))
+
+    reduced = lambda v, num_groups, positions: jnp.sum(v.reshape(v.shape[0], num_groups, -1), axis=-1)
+    with _swapped(unet, "_group_sums", reduced), _swapped(unet, "_stacked_batch_sums", two_reductions):
+        yield
 
 
 def _raveled_norm(tree, *args, **kwargs):
@@ -1000,7 +1016,8 @@ VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "einsum_heads": einsum_heads, "direct_convs": direct_convs, "optax_clip": optax_clip,
             "dense_4d": dense_4d, "flat_norm": flat_norm, "concat_skip": concat_skip,
             "folded_norm_grads": folded_norm_grads, "flat_optimizer": flat_optimizer,
-            "leaf_norms": leaf_norms, "cudnn_attention": cudnn_attention, **ABLATIONS}
+            "leaf_norms": leaf_norms, "cudnn_attention": cudnn_attention,
+            "reduced_group_sums": reduced_group_sums, **ABLATIONS}
 
 
 @contextlib.contextmanager

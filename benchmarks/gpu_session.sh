@@ -4,6 +4,18 @@
 #
 #     [STAGES=name,name] bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S=500]
 #
+#   candidates     benchmarks/variant_ab.py --k 4: what gpu_hlo.py found without a GPU, against ddm in
+#                  experiment.train's call of 4 steps (per step, against ddm on 2026-11-28): the forms
+#                  ddm replaced without a GPU to time them, reduced_group_sums (before
+#                  ddm.unet._group_sums' adds and _stacked_batch_sums: 199 kernels more), leaf_norms
+#                  (before ddm.train.global_norm: 239 kernels more), folded_norm_grads (before
+#                  ddm.unet._scale_bias_grads: 119 kernels and 0.69 GB more) and concat_skip (before
+#                  ddm.unet.NinShortcut: 0.92 GB more), and flat_optimizer (clip and Adam on one flat
+#                  vector: 262 kernels fewer, 0.48 GB more)
+#   attention      benchmarks/variant_ab.py --arms ddm,cudnn_attention: cuDNN's fused attention
+#                  (model.attention='cudnn'; 1.01 GB and 41 kernels less per train step by gpu_hlo.py)
+#                  against XLA's products and softmax, in the call of 4 train steps and the DDIM-50
+#                  sampler call (under SMOKE, ddm alone: a CPU has no cuDNN)
 #   profile        benchmarks/profile_steps.py: the bf16 batch-128 train step's top device ops and
 #                  the device's summed op time per step (the wall time inside the trace includes the
 #                  tracer's own work: 530 ms a call against 21 ms of kernels on an H100); its trace,
@@ -11,16 +23,6 @@
 #                  `gpu_hlo.py --hlo hlo.txt --times ops.json`: each kernel's measured time against its
 #                  bytes, which calibrates gpu_hlo.py's census (the cost of a GB and of a kernel)
 #   calibrate      benchmarks/gpu_hlo.py --hlo hlo.txt --times ops.json on that profile (no compile)
-#   attention      benchmarks/variant_ab.py --arms ddm,cudnn_attention: cuDNN's fused attention
-#                  (model.attention='cudnn'; 1.01 GB and 41 kernels less per train step by gpu_hlo.py)
-#                  against XLA's products and softmax, in the call of 4 train steps and the DDIM-50
-#                  sampler call (under SMOKE, ddm alone: a CPU has no cuDNN)
-#   candidates     benchmarks/variant_ab.py --k 4: what gpu_hlo.py found without a GPU, against ddm in
-#                  experiment.train's call of 4 steps: flat_optimizer (clip and Adam on one flat
-#                  vector, 309 fewer kernels per step, 0.48 GB more), and the forms ddm replaced
-#                  without a GPU to time them: leaf_norms (before ddm.train.global_norm, 285 kernels
-#                  more), concat_skip (before ddm.unet.NinShortcut, 0.92 GB more) and
-#                  folded_norm_grads (before ddm.unet._unfolded, 0.69 GB more)
 #   gpu_check      benchmarks/gpu_check.py --peer: batch-128 train steps/s (each call waited for
 #                  and back to back) and MFU, fp32 / bf16, 50-step DDIM throughput, peak memory,
 #                  diffusers' UNet2DModel on the same GPU
@@ -38,8 +40,8 @@
 # On an H100 (jax 0.11.2, 2026-11-28) gpu_check took 255 s (its peer ran out of memory in the same
 # process then, and now runs in one of its own, 31 s more), profile 54 s, and variant_ab's arms 27 to
 # 35 s per compile of the K=1 train call. Each stage's start threshold below is that time, or an
-# estimate from it where the stage has not run on a GPU yet: attention (two train compiles of 45 s,
-# two sampler compiles), iddpm (one dtype of gpu_check's two, a larger U-Net), the ablations (six
+# estimate from it where the stage has not run on a GPU yet: candidates (six compiles of the K=4 call,
+# 59 s in gpu_check's), attention (two of them, two sampler compiles), iddpm (one dtype of gpu_check's two, a larger U-Net), the ablations (six
 # compiles) and largest_batch (five). All of them need more than one device call's 10 minutes: give
 # BUDGET_S as what the lease leaves, and STAGES for a second call.
 # (The CPU-motivated arms, dense_4d, threefry_dropout, optax_clip and nearest_upsample, were run on
@@ -81,14 +83,14 @@ stage() {  # stage NAME SECONDS_NEEDED COMMAND...
   "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 } | tee "$out/summary.txt"
 
+stage candidates 360 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
+  --arms ddm,reduced_group_sums,leaf_norms,folded_norm_grads,concat_skip,flat_optimizer "${small[@]}"
+stage attention 180 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train,sample_scan --batches $batch --k 4 \
+  --calls 10 --arms $attention_arms "${small[@]}"
 stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --dtype bfloat16 --calls 3 --top 25 \
   --trace_dir "$out/profile" "${small[@]}"
 stage calibrate 20 "$py" "$here/gpu_hlo.py" --hlo "$out/profile/train/ddm/hlo.txt" --times "$out/profile/train/ddm/ops.json" \
   --top 10
-stage attention 180 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train,sample_scan --batches $batch --k 4 \
-  --calls 10 --arms $attention_arms "${small[@]}"
-stage candidates 300 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
-  --arms ddm,flat_optimizer,leaf_norms,concat_skip,folded_norm_grads "${small[@]}"
 stage gpu_check 290 "$py" "$here/gpu_check.py" --peer --train_calls 6 --out "$out/gpu_check.json" "${smoke[@]}"
 stage iddpm 200 "$py" "$here/gpu_check.py" --config cifar10_cosine --dtypes bfloat16 --peer --train_calls 6 \
   --out "$out/gpu_check_iddpm.json" "${smoke[@]}"

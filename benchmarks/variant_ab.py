@@ -40,7 +40,11 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
   leaf_norms        the global norm as optax.tree.norm's reduction per leaf, in place of
                     ddm.train.global_norm's one reduction for all the small leaves concatenated
   folded_norm_grads GroupNorm's scale and bias gradients as XLA folds them, a second reduction of the
-                    whole tensors, on every device; ddm.unet._unfolded folds them on CPU only
+                    whole tensors, on every device; ddm.unet._scale_bias_grads folds them on CPU only
+  reduced_group_sums GroupNorm's group sums as reductions on every device, and its scale and bias
+                    gradients as two reductions, in place of ddm.unet._group_sums' adds of strided
+                    slices on GPUs and _stacked_batch_sums' one reduction (199 kernels more per step
+                    of an H100's train call by gpu_hlo.py, the same bytes)
   cudnn_attention   cuDNN's fused attention (model.attention='cudnn') in place of the default XLA
                     products and softmax: NVIDIA GPUs and bfloat16 only (1.01 GB and 41 kernels less
                     per step of an H100's train call by gpu_hlo.py)

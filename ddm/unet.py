@@ -187,15 +187,52 @@ def _dense(features: int, dtype, *, zero: bool = False, name: Optional[str] = No
                     dtype=dtype, param_dtype=jnp.float32, name=name, dot_general=_matmul_last_axis)
 
 
+# XLA:GPU sums fewer positions than this (a warp) inside the loop fusion that uses the sums.
+ELEMENTAL_REDUCTION_SIZE = 32
+
+
+def _group_sums(v, num_groups: int, positions: int):
+    """(B, C) -> (B, G): each example's sums of v over each group's C / G channels, where v holds
+    per-channel sums over ``positions`` = H * W feature-map positions.
+
+    On NVIDIA GPUs, from 32 positions on, as C / G - 1 adds of strided slices rather than a
+    reduction: XLA fuses the adds into the kernels around them, where a reduction is a kernel of its
+    own. With
+    ``_stacked_batch_sums`` below, compiled for an H100 (bfloat16, ``benchmarks/gpu_hlo.py --arms
+    ddm,reduced_group_sums``), the DDPM train step at batch 128 has 199 fewer kernels per step (1748
+    instead of 1947) and the DDIM step at batch 2000 68 fewer (562 instead of 630); IDDPM's 275 and
+    96 fewer; the bytes are the same. Under 32 positions (the 4x4 maps) XLA:GPU sums the positions
+    inside the fusion that uses the sums (a reduction that small is no kernel of its own), and the
+    adds split that fusion up: 8 kernels instead of 2 per GroupNorm in the DDIM step at batch 2000.
+    On 2 CPU cores XLA:CPU fused the adds into the elementwise kernels, recomputed per element: the
+    train step was 1.22x slower and the sampling step 1.30x (float32, batch 8). So other platforms
+    reduce (TPUs, where the same could happen, untimed).
+    """
+    g = v.reshape(v.shape[0], num_groups, -1)
+    if positions < ELEMENTAL_REDUCTION_SIZE:
+        return _sum_by_reduction(g)
+    return jax.lax.platform_dependent(g, cuda=_sum_by_adds, default=_sum_by_reduction)
+
+
+def _sum_by_reduction(g):
+    return jnp.sum(g, axis=-1)
+
+
+def _sum_by_adds(g):
+    """The sum over g's last axis as adds of its slices, in order."""
+    return functools.reduce(jnp.add, [g[..., i] for i in range(g.shape[-1])])
+
+
 def _group_moments(x, num_groups: int, eps: float):
     """Mean and 1 / std of x (B, H, W, C) over each example's channel groups, as (B, 1, 1, C).
 
-    The moments are reduced over (H, W) first, then over each group's C / G channels: XLA:CPU
-    reduces the leading spatial axes several times faster than (H, W, C / G) blocks. The variance
-    is E[x^2] - E[x]^2 clipped at 0 (flax's and PyTorch's fast variance).
+    The moments are reduced over (H, W) first, then over each group's C / G channels
+    (``_group_sums``): XLA:CPU reduces the leading spatial axes several times faster than
+    (H, W, C / G) blocks. The variance is E[x^2] - E[x]^2 clipped at 0 (flax's and PyTorch's fast
+    variance).
     """
-    b, _, _, c = x.shape
-    per_group = lambda m: jnp.mean(m.reshape(b, num_groups, c // num_groups), axis=-1)
+    b, height, width, c = x.shape
+    per_group = lambda m: _group_sums(m, num_groups, height * width) / (c // num_groups)
     mean = per_group(jnp.mean(x, axis=(1, 2)))
     var = jnp.maximum(per_group(jnp.mean(jnp.square(x), axis=(1, 2))) - jnp.square(mean), 0.0)
     per_channel = lambda g: jnp.repeat(g, c // num_groups, axis=1)[:, None, None, :]
@@ -217,19 +254,27 @@ def _group_norm_fwd(x, scale, bias, num_groups, eps):
     return (x - mean) * (inv_std * scale) + bias, (x, scale, mean, inv_std)
 
 
-def _unfolded(*sums):
-    """``sums`` through an optimisation barrier off CPU, so that XLA reduces them further as they are.
+def _stacked_batch_sums(dy_xhat, dy_sum):
+    """The (C,) sums over the batch of two (B, C) arrays, through an optimisation barrier, as one
+    reduction of the two stacked (one kernel where XLA:GPU made two)."""
+    sums = jnp.sum(jnp.stack(jax.lax.optimization_barrier((dy_xhat, dy_sum))), axis=1)
+    return sums[0], sums[1]
 
-    GroupNorm's scale and bias gradients are its (B, C) sums summed over the batch. XLA folds such a
-    reduce of a reduce into one reduction of the whole (B, H, W, C) tensors, a second pass over x and
-    dy (on CPU also a materialised dy * xhat). With the barrier, the DDPM train step compiled for an
-    H100 reads and writes 0.69 GB less per step (of 28.1 GB) in 12 fewer kernels, IDDPM's 0.89 GB
-    less (``benchmarks/gpu_hlo.py --arms ddm,folded_norm_grads``). On 2 CPU cores the train step ran
-    at 1.00x and 0.98x of the folded form in two runs (per round 0.995x, 0.986x; float32, batch 8,
-    ``benchmarks/variant_ab.py --arms ddm,folded_norm_grads``), so CPU keeps XLA's folding
-    (``lax.platform_dependent``).
+
+def _scale_bias_grads(dy_xhat, dy_sum):
+    """GroupNorm's scale and bias gradients (C,): its (B, C) sums of dy * xhat and dy summed over
+    the batch, off CPU as ``_stacked_batch_sums``.
+
+    XLA folds such a reduce of a reduce into one reduction of the whole (B, H, W, C) tensors, a
+    second pass over x and dy (on CPU also a materialised dy * xhat). With the barrier, the DDPM
+    train step compiled for an H100 reads and writes 0.69 GB less per step (of 28.1 GB) in 12 fewer
+    kernels, IDDPM's 0.89 GB less (``benchmarks/gpu_hlo.py --arms ddm,folded_norm_grads``). On 2 CPU
+    cores the train step ran at 1.00x and 0.98x of the folded form in two runs (per round 0.995x,
+    0.986x; float32, batch 8, ``benchmarks/variant_ab.py --arms ddm,folded_norm_grads``), so CPU
+    keeps XLA's folding (``lax.platform_dependent``).
     """
-    return jax.lax.platform_dependent(*sums, cpu=lambda *s: s, default=lambda *s: jax.lax.optimization_barrier(s))
+    folded = lambda a, b: (jnp.sum(a, axis=0), jnp.sum(b, axis=0))
+    return jax.lax.platform_dependent(dy_xhat, dy_sum, cpu=folded, default=_stacked_batch_sums)
 
 
 def _group_norm_bwd(num_groups, eps, residuals, dy):
@@ -240,11 +285,10 @@ def _group_norm_bwd(num_groups, eps, residuals, dy):
     xhat = (x - mean) * inv_std
     dy_xhat, dy_sum = jnp.sum(dy * xhat, axis=(1, 2)), jnp.sum(dy, axis=(1, 2))  # (B, C)
     n = height * width * (c // num_groups)
-    group_mean = lambda v: jnp.repeat(jnp.sum((v * scale).reshape(b, num_groups, -1), axis=-1) / n,
+    group_mean = lambda v: jnp.repeat(_group_sums(v * scale, num_groups, height * width) / n,
                                       c // num_groups, axis=1)[:, None, None, :]
     dx = inv_std * (dy * scale - group_mean(dy_sum) - xhat * group_mean(dy_xhat))
-    dy_xhat, dy_sum = _unfolded(dy_xhat, dy_sum)
-    return dx, jnp.sum(dy_xhat, axis=0), jnp.sum(dy_sum, axis=0)
+    return (dx,) + _scale_bias_grads(dy_xhat, dy_sum)
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)

@@ -714,6 +714,30 @@ def test_folded_norm_grads_arm_lets_xla_fold_the_norm_gradients_only_inside_the_
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+def test_reduced_group_sums_arm_reduces_the_groups_on_gpu_only_inside_the_block(monkeypatch):
+    import ddm.unet as unet
+
+    rng = np.random.default_rng(0)
+    x, dy = (jnp.asarray(rng.normal(size=(4, 8, 8, 64)), jnp.float32) for _ in range(2))
+    scale = jnp.asarray(rng.normal(1.0, 0.3, 64), jnp.float32)
+
+    def vjp():  # a function of its own per call: jax caches a function's trace
+        return jax.jit(lambda x, s, dy: jax.vjp(lambda x, s: unet.group_norm(x, s, s, 32, 1e-6), x, s)[1](dy))
+
+    def reductions_on_gpu():
+        return jax.export.export(vjp(), platforms=["cuda"])(x, scale, dy).mlir_module().count("stablehlo.reduce")
+
+    with common.VARIANTS["reduced_group_sums"]():
+        reduced = reductions_on_gpu()
+        with_reductions = vjp()(x, scale, dy)
+    # ddm's: 4 group sums as adds (2 moments forward, 2 sums backward), the 2 batch sums as 1
+    assert reduced - reductions_on_gpu() == 5
+    monkeypatch.setattr(unet, "_sum_by_reduction", unet._sum_by_adds)  # ddm's branch off CPU, run here
+    monkeypatch.setattr(unet, "_scale_bias_grads", unet._stacked_batch_sums)
+    for a, b in zip(with_reductions, vjp()(x, scale, dy)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_flat_optimizer_arm_runs_the_same_update_on_one_vector_only_inside_the_block():
     from ddm import experiment, train
 

@@ -53,20 +53,43 @@ def test_channels_must_split_into_groups():
 def test_scale_and_bias_gradients_are_summed_from_the_per_example_sums_off_cpu(monkeypatch):
     """Off CPU, the (C,) gradients come from the (B, C) sums the input gradient needs, not from another
     pass over the (B, H, W, C) tensors: XLA folds a reduce of a reduce into one, and
-    ddm.unet._unfolded's barrier stops it there (CPU keeps the folding)."""
+    ddm.unet._stacked_batch_sums' barrier stops it there (CPU keeps the folding)."""
     x, dy, scale = jnp.ones((4, 8, 8, 64)), jnp.ones((4, 8, 8, 64)), jnp.ones(64)
 
     def vjp():  # a function of its own per call: jax caches a function's trace
         return jax.jit(lambda x, s, b, dy: jax.vjp(lambda *a: group_norm(*a, 32, 1e-6), x, s, b)[1](dy))
 
-    def reductions_to_channels():  # compiled here, on CPU
+    def reductions_to_channels():  # compiled here, on CPU: (C,) results, or both stacked as (2, C)
         hlo = vjp().lower(x, scale, scale, dy).compile().as_text()
-        return set(re.findall(r"= f32\[64\]\{0\} reduce\([^)]*\), dimensions=\{([\d,]+)\}", hlo))
+        return set(re.findall(r"= f32\[(?:2,)?64\]\{[\d,]+\} reduce\([^)]*\), dimensions=\{([\d,]+)\}", hlo))
 
     lowered = {p: jax.export.export(vjp(), platforms=[p])(x, scale, scale, dy).mlir_module()
                for p in ("cuda", "tpu", "cpu")}
     assert "optimization_barrier" in lowered["cuda"] and "optimization_barrier" in lowered["tpu"]
     assert "optimization_barrier" not in lowered["cpu"]
     assert reductions_to_channels() == {"0,1,2"}  # folded: reductions of the whole tensors
-    monkeypatch.setattr(unet, "_unfolded", lambda *sums: jax.lax.optimization_barrier(sums))  # off CPU's branch
-    assert reductions_to_channels() == {"0"}  # the (B, C) sums summed over the batch
+    monkeypatch.setattr(unet, "_scale_bias_grads", unet._stacked_batch_sums)  # off CPU's branch
+    assert reductions_to_channels() == {"1"}  # the two (B, C) sums stacked, summed over the batch
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 64), (2, 4, 8, 128)])
+def test_group_sums_by_adds_match_flax_forward_and_gradients(monkeypatch, shape):
+    """On NVIDIA GPUs, from 32 positions on, each group's channels are summed by adds of strided
+    slices (``ddm.unet._sum_by_adds``); here on CPU that branch is patched in."""
+    monkeypatch.setattr(unet, "_sum_by_reduction", unet._sum_by_adds)
+    monkeypatch.setattr(unet, "_scale_bias_grads", unet._stacked_batch_sums)
+    test_forward_and_gradients_match_flax(shape, 1.0)
+    g = jax.random.normal(jax.random.key(0), (2, 32, 4))
+    np.testing.assert_allclose(unet._sum_by_adds(g), jnp.sum(g, axis=-1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, fewer_on_gpu", [(8, 5), (4, 1)])
+def test_group_sums_are_adds_on_gpus_from_32_positions(size, fewer_on_gpu):
+    # The StableHLO exported for each platform: for CUDA, from 8x8 (64 positions) on, the group sums of
+    # the two moments and of the two backward sums are adds (4 reductions fewer); off CPU the scale
+    # and bias gradients are one reduction of the two stacked (1 fewer); at 4x4 only the latter.
+    x, scale = jnp.ones((2, size, size, 64)), jnp.ones(64)
+    vjp = jax.jit(lambda x, s, b, dy: jax.vjp(lambda *a: group_norm(*a, 32, 1e-6), x, s, b)[1](dy))
+    reductions = {p: jax.export.export(vjp, platforms=[p])(x, scale, scale, x).mlir_module().count("stablehlo.reduce")
+                  for p in ("cpu", "cuda", "tpu")}
+    assert reductions["cpu"] - reductions["cuda"] == fewer_on_gpu and reductions["cpu"] - reductions["tpu"] == 1
