@@ -693,15 +693,22 @@ def test_flat_norm_and_leaf_norms_arms_take_the_same_norm_only_inside_the_block(
             np.testing.assert_allclose(a, b, rtol=1e-6)  # the same clipped Adam update
 
 
-def test_folded_norm_grads_arm_lets_xla_fold_the_norm_gradients_only_inside_the_block():
+def _group_norm_vjp_case():
+    """(x, scale, dy, make_vjp) for GroupNorm's gradient at 8x8x64: make_vjp() is a new jitted function
+    each call (jax caches a function's trace, so each arm needs one of its own)."""
     import ddm.unet as unet
 
     rng = np.random.default_rng(0)
     x, dy = (jnp.asarray(rng.normal(size=(4, 8, 8, 64)), jnp.float32) for _ in range(2))
     scale = jnp.asarray(rng.normal(1.0, 0.3, 64), jnp.float32)
+    make_vjp = lambda: jax.jit(lambda x, s, dy: jax.vjp(lambda x, s: unet.group_norm(x, s, s, 32, 1e-6), x, s)[1](dy))
+    return x, scale, dy, make_vjp
 
-    def vjp():  # a function of its own per call: jax caches a function's trace
-        return jax.jit(lambda x, s, dy: jax.vjp(lambda x, s: unet.group_norm(x, s, s, 32, 1e-6), x, s)[1](dy))
+
+def test_folded_norm_grads_arm_lets_xla_fold_the_norm_gradients_only_inside_the_block(monkeypatch):
+    import ddm.unet as unet
+
+    x, scale, dy, vjp = _group_norm_vjp_case()
 
     def barrier_on_gpu():
         return "optimization_barrier" in jax.export.export(vjp(), platforms=["cuda"])(x, scale, dy).mlir_module()
@@ -710,6 +717,7 @@ def test_folded_norm_grads_arm_lets_xla_fold_the_norm_gradients_only_inside_the_
         assert not barrier_on_gpu()
         folded = vjp()(x, scale, dy)
     assert barrier_on_gpu()
+    monkeypatch.setattr(unet, "_scale_bias_grads", unet._stacked_batch_sums)  # ddm's branch off CPU, run here
     for a, b in zip(folded, vjp()(x, scale, dy)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
@@ -717,12 +725,7 @@ def test_folded_norm_grads_arm_lets_xla_fold_the_norm_gradients_only_inside_the_
 def test_reduced_group_sums_arm_reduces_the_groups_on_gpu_only_inside_the_block(monkeypatch):
     import ddm.unet as unet
 
-    rng = np.random.default_rng(0)
-    x, dy = (jnp.asarray(rng.normal(size=(4, 8, 8, 64)), jnp.float32) for _ in range(2))
-    scale = jnp.asarray(rng.normal(1.0, 0.3, 64), jnp.float32)
-
-    def vjp():  # a function of its own per call: jax caches a function's trace
-        return jax.jit(lambda x, s, dy: jax.vjp(lambda x, s: unet.group_norm(x, s, s, 32, 1e-6), x, s)[1](dy))
+    x, scale, dy, vjp = _group_norm_vjp_case()
 
     def reductions_on_gpu():
         return jax.export.export(vjp(), platforms=["cuda"])(x, scale, dy).mlir_module().count("stablehlo.reduce")
@@ -732,7 +735,7 @@ def test_reduced_group_sums_arm_reduces_the_groups_on_gpu_only_inside_the_block(
         with_reductions = vjp()(x, scale, dy)
     # ddm's: 4 group sums as adds (2 moments forward, 2 sums backward), the 2 batch sums as 1
     assert reduced - reductions_on_gpu() == 5
-    monkeypatch.setattr(unet, "_sum_by_reduction", unet._sum_by_adds)  # ddm's branch off CPU, run here
+    monkeypatch.setattr(unet, "_sum_by_reduction", unet._sum_by_adds)  # ddm's branch on a GPU, run here
     monkeypatch.setattr(unet, "_scale_bias_grads", unet._stacked_batch_sums)
     for a, b in zip(with_reductions, vjp()(x, scale, dy)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
