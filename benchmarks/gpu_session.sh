@@ -8,10 +8,15 @@
 #                  experiment.train's call of 4 steps (per step, against ddm on 2026-11-28): the forms
 #                  ddm replaced without a GPU to time them, reduced_group_sums (before
 #                  ddm.unet._group_sums' adds and _stacked_batch_sums: 199 kernels more), leaf_norms
-#                  (before ddm.train.global_norm: 239 kernels more), folded_norm_grads (before
-#                  ddm.unet._scale_bias_grads: 119 kernels and 0.69 GB more) and concat_skip (before
-#                  ddm.unet.NinShortcut: 0.92 GB more), and flat_optimizer (clip and Adam on one flat
-#                  vector: 262 kernels fewer, 0.48 GB more)
+#                  (before ddm.train.global_norm: 239 kernels more) and folded_norm_grads (before
+#                  ddm.unet._scale_bias_grads: 119 kernels and 0.69 GB more), and flat_optimizer (clip
+#                  and Adam on one flat vector: 262 kernels fewer, 0.48 GB more). (concat_skip, before
+#                  ddm.unet.NinShortcut, has 6 kernels fewer and 0.92 GB more: `--arms ddm,concat_skip`
+#                  when there is time.)
+#   attention_check benchmarks/attention_check.py: cuDNN's fused attention against ddm's XLA attention
+#                  on this GPU, outputs and gradients for DDPM's and IDDPM's attention shapes and the
+#                  whole U-Nets, within bfloat16's precision (never run on a GPU before; under SMOKE,
+#                  XLA stands in for cuDNN)
 #   attention      benchmarks/variant_ab.py --arms ddm,cudnn_attention: cuDNN's fused attention
 #                  (model.attention='cudnn'; 1.01 GB and 41 kernels less per train step by gpu_hlo.py)
 #                  against XLA's products and softmax, in the call of 4 train steps and the DDIM-50
@@ -40,9 +45,10 @@
 # On an H100 (jax 0.11.2, 2026-11-28) gpu_check took 255 s (its peer ran out of memory in the same
 # process then, and now runs in one of its own, 31 s more), profile 54 s, and variant_ab's arms 27 to
 # 35 s per compile of the K=1 train call. Each stage's start threshold below is that time, or an
-# estimate from it where the stage has not run on a GPU yet: candidates (six compiles of the K=4 call,
-# 59 s in gpu_check's), attention (two of them, two sampler compiles), iddpm (one dtype of gpu_check's two, a larger U-Net), the ablations (six
-# compiles) and largest_batch (five). All of them need more than one device call's 10 minutes: give
+# estimate from it where the stage has not run on a GPU yet: candidates (five compiles of the K=4 call,
+# 59 s in gpu_check's), attention_check (small compiles), attention (two of them, two sampler
+# compiles), iddpm (one dtype of gpu_check's two, a larger U-Net), the ablations (six compiles) and
+# largest_batch (five). All of them need more than one device call's 10 minutes: give
 # BUDGET_S as what the lease leaves, and STAGES for a second call.
 # (The CPU-motivated arms, dense_4d, threefry_dropout, optax_clip and nearest_upsample, were run on
 # that H100 and are in README.md: `variant_ab.py --arms ddm,dense_4d,... --dtype bfloat16 --k 1`.)
@@ -83,8 +89,9 @@ stage() {  # stage NAME SECONDS_NEEDED COMMAND...
   "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 } | tee "$out/summary.txt"
 
-stage candidates 360 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
-  --arms ddm,reduced_group_sums,leaf_norms,folded_norm_grads,concat_skip,flat_optimizer "${small[@]}"
+stage candidates 300 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train --batches $batch --k 4 --calls 10 \
+  --arms ddm,reduced_group_sums,leaf_norms,folded_norm_grads,flat_optimizer "${small[@]}"
+stage attention_check 60 "$py" "$here/attention_check.py" "${smoke[@]}"
 stage attention 180 "$py" "$here/variant_ab.py" --dtype bfloat16 --steps train,sample_scan --batches $batch --k 4 \
   --calls 10 --arms $attention_arms "${small[@]}"
 stage profile 60 "$py" "$here/profile_steps.py" --steps train --batch $batch --dtype bfloat16 --calls 3 --top 25 \

@@ -374,8 +374,8 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = (tmp_path / "summary.txt").read_text()
-    for stage in ("profile", "calibrate", "attention", "candidates", "gpu_check", "iddpm", "ablations",
-                  "largest_batch", "xla"):
+    for stage in ("candidates", "attention_check", "attention", "profile", "calibrate", "gpu_check", "iddpm",
+                  "ablations", "largest_batch", "xla"):
         assert f"skipped {stage}: " in summary
     assert f"jax {jax.__version__}" in summary and "total " in summary
     assert not list(tmp_path.glob("*.log"))
@@ -384,7 +384,8 @@ def test_gpu_session_starts_no_stage_without_the_time_it_needs(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "STAGES": "profile,xla"})
     assert done.returncode == 0, done.stderr
     summary = (chosen / "summary.txt").read_text()
-    for stage in ("calibrate", "attention", "candidates", "gpu_check", "iddpm", "ablations", "largest_batch"):
+    for stage in ("candidates", "attention_check", "attention", "calibrate", "gpu_check", "iddpm", "ablations",
+                  "largest_batch"):
         assert f"not chosen: {stage} (STAGES=profile,xla)" in summary and f"skipped {stage}" not in summary
     assert "skipped profile: " in summary and "skipped xla: " in summary
 
@@ -570,6 +571,20 @@ def test_gpu_hlo_compiles_the_sampling_step_for_the_device_it_is_given():
     kernels = gpu_hlo.census(text)
     assert (call.method, call.steps, call.x_shape) == ("ddim", 50, (2, 8, 8, 1))  # digits: 8x8, 1 channel
     assert any(k.kind == "convolution" for k in kernels) and not any(k.part.startswith("backward") for k in kernels)
+
+
+def test_attention_check_measures_the_difference_of_the_two_implementations(monkeypatch):
+    import ddm.unet as unet
+
+    check = _benchmark_script("attention_check")
+    jax_attention = jax.nn.dot_product_attention  # cuDNN needs a GPU: XLA's stands in, then a perturbed one
+    monkeypatch.setattr(unet.jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None: jax_attention(*a, implementation="xla"))
+    errors = check.relative_errors(1, 4, 64, 2)
+    assert sorted(errors) == ["dk", "dq", "dv", "forward"] and max(errors.values()) < 0.02
+    monkeypatch.setattr(unet.jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None: 1.1 * jax_attention(*a, implementation="xla"))
+    assert check.relative_errors(1, 4, 64, 2)["forward"] == pytest.approx(0.1, rel=0.1)
 
 
 def test_gpu_hlo_answers_jax_cudnn_checks_for_the_compile_only_device():
