@@ -802,12 +802,38 @@ def nearest_upsample_conv():
     return _swapped(unet, "upsample_conv", upsample_then_conv)
 
 
+def _dropout_on_its_own_rng(make):
+    """A stand-in for ddm.unet.Dropout that leaves the U-Net's seed and stream aside and runs
+    ``make(rate, deterministic)``, a dropout module that draws from the 'dropout' rng itself."""
+
+    class DropoutOnItsOwnRng(nn.Module):
+        rate: float
+        deterministic: bool
+
+        @nn.compact
+        def __call__(self, x, seed=None, stream=0):
+            return make(self.rate, self.deterministic)(x)
+
+    return DropoutOnItsOwnRng
+
+
 def threefry_dropout():
     """While active, ddm.unet's res blocks use flax's ``nn.Dropout`` (a ``jax.random.bernoulli`` mask,
     threefry bits) in place of ``unet.Dropout`` (hashed-index mask). Trace (lower) the step inside the block."""
     import ddm.unet as unet
 
-    return _swapped(unet, "Dropout", nn.Dropout)
+    return _swapped(unet, "Dropout", _dropout_on_its_own_rng(lambda rate, det: nn.Dropout(rate, deterministic=det)))
+
+
+def rng_per_dropout():
+    """While active, each of ddm.unet's dropout layers draws its mask's seed from flax's 'dropout'
+    rng itself (a threefry fold_in and a draw per layer), as before the U-Net drew one seed for all
+    and each layer hashed it with its block's name (``ddm.unet.Dropout``). Trace (lower) the step
+    inside the block."""
+    import ddm.unet as unet
+
+    dropout = unet.Dropout
+    return _swapped(unet, "Dropout", _dropout_on_its_own_rng(lambda rate, det: dropout(rate, det)))
 
 
 def einsum_heads():
@@ -960,8 +986,8 @@ def flat_optimizer():
 # --------------------------------------------------------------------------------------------- #
 
 def _passthrough(*args, **kwargs):
-    """A stand-in for a module class: the 'module' it builds returns its input."""
-    return lambda x: x
+    """A stand-in for a module class: the 'module' it builds returns its (first) input."""
+    return lambda x, *args, **kwargs: x
 
 
 def without_attention():
@@ -1017,7 +1043,7 @@ VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "dense_4d": dense_4d, "flat_norm": flat_norm, "concat_skip": concat_skip,
             "folded_norm_grads": folded_norm_grads, "flat_optimizer": flat_optimizer,
             "leaf_norms": leaf_norms, "cudnn_attention": cudnn_attention,
-            "reduced_group_sums": reduced_group_sums, **ABLATIONS}
+            "reduced_group_sums": reduced_group_sums, "rng_per_dropout": rng_per_dropout, **ABLATIONS}
 
 
 @contextlib.contextmanager

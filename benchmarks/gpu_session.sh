@@ -11,8 +11,9 @@
 #                  (before ddm.train.global_norm: 239 kernels more) and folded_norm_grads (before
 #                  ddm.unet._scale_bias_grads: 119 kernels and 0.69 GB more), and flat_optimizer (clip
 #                  and Adam on one flat vector: 262 kernels fewer, 0.48 GB more). (concat_skip, before
-#                  ddm.unet.NinShortcut, has 6 kernels fewer and 0.92 GB more: `--arms ddm,concat_skip`
-#                  when there is time.)
+#                  ddm.unet.NinShortcut, has 6 kernels fewer and 0.92 GB more, and rng_per_dropout,
+#                  before ddm.unet.Dropout's one seed, 64 kernels more and the same bytes:
+#                  `--arms ddm,concat_skip,rng_per_dropout` when there is time.)
 #   attention_check benchmarks/attention_check.py: cuDNN's fused attention against ddm's XLA attention
 #                  on this GPU, outputs and gradients for DDPM's and IDDPM's attention shapes and the
 #                  whole U-Nets, within bfloat16's precision (never run on a GPU before; under SMOKE,

@@ -45,6 +45,9 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     gradients as two reductions, in place of ddm.unet._group_sums' adds of strided
                     slices on GPUs and _stacked_batch_sums' one reduction (199 kernels more per step
                     of an H100's train call by gpu_hlo.py, the same bytes)
+  rng_per_dropout   each dropout layer drawing its seed from flax's 'dropout' rng (a threefry fold_in
+                    and draw per layer), in place of ddm.unet.Dropout hashing the U-Net's one seed
+                    with its block's name (64 kernels more per step of an H100's train call)
   cudnn_attention   cuDNN's fused attention (model.attention='cudnn') in place of the default XLA
                     products and softmax: NVIDIA GPUs and bfloat16 only (1.01 GB and 41 kernels less
                     per step of an H100's train call by gpu_hlo.py)

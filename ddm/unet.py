@@ -21,6 +21,7 @@ Paper references used below:
 """
 import functools
 import math
+import zlib
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -330,30 +331,46 @@ def dropout_keep_mask(key, shape, keep_prob: float):
     Within one mask the bits are distinct (a bijection of the index); masks under two keys are
     independent to the tests' resolution (``tests/test_unet.py``).
     """
+    return seeded_keep_mask(jax.random.bits(key, (2,), jnp.uint32), shape, keep_prob)
+
+
+def seeded_keep_mask(seed, shape, keep_prob: float):
+    """``dropout_keep_mask``'s mask from its 64-bit seed, ``seed`` (2,) uint32."""
     size = math.prod(shape)
     if size > 2 ** 32:
         raise ValueError(f"dropout_keep_mask: {size} elements; the flat index is 32-bit (at most 2**32)")
-    s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
     index = jax.lax.iota(jnp.uint32, size).reshape(shape)
     threshold = jnp.uint32(min(round(keep_prob * 2.0 ** 32), 2 ** 32 - 1))
-    return _mix32(_mix32(index ^ s0) ^ s1) < threshold
+    return _mix32(_mix32(index ^ seed[0]) ^ seed[1]) < threshold
 
 
 class Dropout(nn.Module):
     """Inverted dropout, as flax's ``nn.Dropout(rate)``: while not ``deterministic``, each element
-    is zeroed with probability ``rate`` and the rest are scaled by 1 / (1 - rate); the mask comes
-    from ``dropout_keep_mask`` under the 'dropout' rng."""
+    is zeroed with probability ``rate`` and the rest are scaled by 1 / (1 - rate).
+
+    The mask is ``dropout_keep_mask``'s under the 'dropout' rng or, given ``seed`` ((2,) uint32, one
+    for all the layers of a network), ``seeded_keep_mask``'s under the seed's words hashed with
+    ``stream``, an int that tells this layer from the others (``_mix32(seed ^ stream)``). The U-Net
+    draws one seed per call and passes it: flax's rng per layer is a threefry ``fold_in`` and a
+    draw, two or three kernels of their own each, where the hash fuses into the mask's. Compiled for
+    an H100 (``benchmarks/gpu_hlo.py --arms ddm,rng_per_dropout``), the DDPM train step has 64 fewer
+    kernels per step for it (1684), IDDPM's 88 fewer (2208); on 2 CPU cores the train step ran at
+    1.00x (0.997x, float32, batch 8, ``benchmarks/variant_ab.py``).
+    """
     rate: float
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, seed=None, stream: int = 0):
         if self.deterministic or self.rate == 0.0:
             return x
         if self.rate == 1.0:
             return jnp.zeros_like(x)
         keep_prob = 1.0 - self.rate
-        mask = dropout_keep_mask(self.make_rng("dropout"), x.shape, keep_prob)
+        if seed is None:
+            mask = dropout_keep_mask(self.make_rng("dropout"), x.shape, keep_prob)
+        else:
+            mask = seeded_keep_mask(_mix32(seed ^ jnp.uint32(stream)), x.shape, keep_prob)
         return jnp.where(mask, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
@@ -474,7 +491,7 @@ class ResBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, emb, *, train: bool, concat=None):
+    def __call__(self, x, emb, *, train: bool, concat=None, dropout_seed=None):
         parts = (x,) if concat is None else (x, concat)
         x = x if concat is None else jnp.concatenate(parts, axis=-1)
         h = nn.swish(GroupNorm(dtype=self.dtype, name="norm1")(x))
@@ -492,7 +509,7 @@ class ResBlock(nn.Module):
             h = GroupNorm(dtype=self.dtype, name="norm2")(h) * (1 + scale) + shift
         else:
             h = GroupNorm(dtype=self.dtype, name="norm2")(h + emb_out)
-        h = Dropout(self.dropout, deterministic=not train)(nn.swish(h))
+        h = Dropout(self.dropout, deterministic=not train)(nn.swish(h), dropout_seed, zlib.crc32(str(self.name).encode()))
         h = _conv(self.out_ch, self.dtype, zero=True, name="conv2")(h)
 
         if x.shape[-1] != self.out_ch:
@@ -722,10 +739,13 @@ class UNet(nn.Module):
             emb = emb + nn.Embed(self.num_classes, 4 * self.ch, dtype=self.dtype,
                                  param_dtype=jnp.float32, name="label_emb")(y)
 
+        # One dropout seed for all the res blocks (see Dropout); each hashes it with its name.
+        seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32) if train and self.dropout else None
+
         def res_block(h, out_ch, name, resample=None, concat=None):
             return ResBlock(out_ch, self.dropout, conv_shortcut=self.conv_shortcut,
                             scale_shift_norm=self.scale_shift_norm, resample=resample,
-                            dtype=self.dtype, name=name)(h, emb, train=train, concat=concat)
+                            dtype=self.dtype, name=name)(h, emb, train=train, concat=concat, dropout_seed=seed)
 
         def attn_block(h, name):
             return AttnBlock(self._heads(h.shape[-1]), dtype=self.dtype, implementation=self.attention,

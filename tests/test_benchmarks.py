@@ -231,10 +231,14 @@ def test_threefry_dropout_arm_swaps_the_dropout_only_inside_the_block():
     with common.VARIANTS["threefry_dropout"]():
         flax_train, flax_eval = apply(True), apply(False)
         assert "2, 8, 8, 32" in bit_shapes()  # flax's nn.Dropout: threefry bits per element
-    assert bit_shapes() == ["2,"] * 5  # ddm's: a 2-word seed per mask, 5 res blocks
+    assert bit_shapes() == ["2,"]  # ddm's: one 2-word seed for the 5 res blocks' masks
+    with common.VARIANTS["rng_per_dropout"]():
+        per_layer_train = apply(True)
+        assert bit_shapes() == ["2,"] + ["2,"] * 5  # the U-Net's, unused, and one per layer's mask
     ddm_train, ddm_eval = apply(True), apply(False)
     np.testing.assert_array_equal(flax_eval, ddm_eval)
     assert not np.allclose(flax_train, ddm_train) and not np.allclose(ddm_train, ddm_eval)
+    assert not np.allclose(per_layer_train, ddm_train)  # other masks
 
 
 def test_einsum_heads_arm_swaps_the_attention_only_inside_the_block():

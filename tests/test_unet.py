@@ -4,6 +4,7 @@ Winograd convs of CPU."""
 import functools
 import math
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -186,6 +187,29 @@ def test_dropout_keep_mask_elements_and_keys_are_independent():
 def test_dropout_keep_mask_rejects_more_than_2_to_the_32_elements():
     with pytest.raises(ValueError, match="2\\*\\*32"):
         jax.eval_shape(lambda k: dropout_keep_mask(k, (1 << 16, (1 << 16) + 1), 0.9), jax.random.key(0))
+
+
+def test_seeded_dropout_layers_hash_one_seed_with_their_stream_into_independent_masks():
+    x = jnp.ones((2, 64, 64, 32))  # 262,144 elements
+    seed = jax.random.bits(jax.random.key(4), (2,), jnp.uint32)
+    layer = lambda stream: np.asarray(Dropout(0.5, deterministic=False).apply({}, x, seed, stream)) != 0
+    a, a2, b = layer(zlib.crc32(b"down_0_block_0")), layer(zlib.crc32(b"down_0_block_0")), layer(zlib.crc32(b"down_0_block_1"))
+    np.testing.assert_array_equal(a, a2)
+    assert _within(a.sum(), a.size, 0.5) and _within(b.sum(), b.size, 0.5)
+    assert _within(np.sum(a & b), a.size, 0.25)  # two layers' masks: independent to this resolution
+    for stream in (0, 1, 2):  # neighbouring streams too
+        assert _within(np.sum(layer(stream) & layer(stream + 1)), a.size, 0.25), stream
+    np.testing.assert_array_equal(layer(0), np.asarray(unet.seeded_keep_mask(unet._mix32(seed), x.shape, 0.5)))
+
+
+def test_unet_draws_one_dropout_seed_per_call_for_all_its_layers():
+    model = UNet(**TINY)
+    x, t = _inputs()
+    params = _random_params(model, x, t)
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=True,
+                                                     rngs={"dropout": jax.random.key(1)}))(params))
+    assert re.findall(r"random_bits\[bit_width=32 shape=\(([\d, ]*)\)\]", jaxpr) == ["2,"]  # 5 res blocks
+    assert jaxpr.count("random_fold_in") == 1  # flax's make_rng, once
 
 
 def test_dropout_module_scales_kept_elements_and_passes_through_when_off():
