@@ -67,7 +67,8 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         xla_attention = jax.nn.dot_product_attention
-        jax.nn.dot_product_attention = lambda *a, implementation=None, **kw: xla_attention(*a, implementation="xla", **kw)
+        jax.nn.dot_product_attention = lambda *a, implementation=None, **kw: xla_attention(
+            *a, implementation="xla", **kw)
         args.batch = min(args.batch, 2)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, bfloat16"
           + (" (smoke: XLA stands in for cuDNN)" if args.smoke else ""))

@@ -476,6 +476,10 @@ class ResBlock(nn.Module):
         (upsampling and conv1 together as ``UpsampleConv``).
       dtype: compute dtype.
 
+    ``dropout_seed`` ((2,) uint32), the U-Net's one dropout seed per call, gives the dropout mask
+    (hashed with the block's name, see ``Dropout``); without it the dropout draws from the
+    'dropout' rng itself.
+
     ``concat`` (B, H, W, C2), the U-Net's skip connection on the up path, makes the block's input
     x and concat concatenated on the channels. The block never needs that concatenation written out:
     the norm reads it fused, and the NIN shortcut multiplies each part by its rows of the kernel
@@ -509,7 +513,8 @@ class ResBlock(nn.Module):
             h = GroupNorm(dtype=self.dtype, name="norm2")(h) * (1 + scale) + shift
         else:
             h = GroupNorm(dtype=self.dtype, name="norm2")(h + emb_out)
-        h = Dropout(self.dropout, deterministic=not train)(nn.swish(h), dropout_seed, zlib.crc32(str(self.name).encode()))
+        stream = zlib.crc32(str(self.name).encode())  # this block's own masks from the shared seed
+        h = Dropout(self.dropout, deterministic=not train)(nn.swish(h), dropout_seed, stream)
         h = _conv(self.out_ch, self.dtype, zero=True, name="conv2")(h)
 
         if x.shape[-1] != self.out_ch:

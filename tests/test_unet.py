@@ -193,7 +193,8 @@ def test_seeded_dropout_layers_hash_one_seed_with_their_stream_into_independent_
     x = jnp.ones((2, 64, 64, 32))  # 262,144 elements
     seed = jax.random.bits(jax.random.key(4), (2,), jnp.uint32)
     layer = lambda stream: np.asarray(Dropout(0.5, deterministic=False).apply({}, x, seed, stream)) != 0
-    a, a2, b = layer(zlib.crc32(b"down_0_block_0")), layer(zlib.crc32(b"down_0_block_0")), layer(zlib.crc32(b"down_0_block_1"))
+    streams = (zlib.crc32(b"down_0_block_0"), zlib.crc32(b"down_0_block_0"), zlib.crc32(b"down_0_block_1"))
+    a, a2, b = (layer(stream) for stream in streams)
     np.testing.assert_array_equal(a, a2)
     assert _within(a.sum(), a.size, 0.5) and _within(b.sum(), b.size, 0.5)
     assert _within(np.sum(a & b), a.size, 0.25)  # two layers' masks: independent to this resolution
