@@ -198,11 +198,10 @@ def _group_sums(v, num_groups: int, positions: int):
 
     On NVIDIA GPUs, from 32 positions on, as C / G - 1 adds of strided slices rather than a
     reduction: XLA fuses the adds into the kernels around them, where a reduction is a kernel of its
-    own. With
-    ``_stacked_batch_sums`` below, compiled for an H100 (bfloat16, ``benchmarks/gpu_hlo.py --arms
-    ddm,reduced_group_sums``), the DDPM train step at batch 128 has 199 fewer kernels per step (1748
-    instead of 1947) and the DDIM step at batch 2000 68 fewer (562 instead of 630); IDDPM's 275 and
-    96 fewer; the bytes are the same. Under 32 positions (the 4x4 maps) XLA:GPU sums the positions
+    own. With ``_stacked_batch_sums`` below, compiled for an H100 (bfloat16, ``benchmarks/gpu_hlo.py
+    --arms ddm,reduced_group_sums``), the DDPM train step at batch 128 has 199 fewer kernels per step
+    (1748 instead of 1947) and the DDIM step at batch 2000 68 fewer (562 instead of 630); IDDPM's 275
+    and 96 fewer; the bytes are the same. Under 32 positions (the 4x4 maps) XLA:GPU sums the positions
     inside the fusion that uses the sums (a reduction that small is no kernel of its own), and the
     adds split that fusion up: 8 kernels instead of 2 per GroupNorm in the DDIM step at batch 2000.
     On 2 CPU cores XLA:CPU fused the adds into the elementwise kernels, recomputed per element: the
@@ -537,8 +536,8 @@ class NinShortcut(nn.Module):
     the skip connections' gradient is summed where it was split), for 9 more kernels. On 2 CPU cores
     it costs a little: the train step ran at 0.99x, 1.00x and 0.99x of the concatenating form in three
     runs (per-round medians 0.996x, 0.995x, 0.992x), the sampling step at 1.00x
-    (``benchmarks/variant_ab.py --arms ddm,concat_skip``); the GPU's time is for the next device
-    session's ``gpu_session.sh`` (stage candidates) to measure.
+    (``benchmarks/variant_ab.py --arms ddm,concat_skip``); the GPU's time is not measured yet (an
+    optional arm of ``gpu_session.sh``'s candidates stage).
     """
     features: int
     dtype: Any = jnp.float32
