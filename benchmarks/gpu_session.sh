@@ -52,7 +52,7 @@
 # largest_batch (five). All of them need more than one device call's 10 minutes: give
 # BUDGET_S as what the lease leaves, and STAGES for a second call.
 # (The CPU-motivated arms, dense_4d, threefry_dropout, optax_clip and nearest_upsample, were run on
-# that H100 and are in README.md: `variant_ab.py --arms ddm,dense_4d,... --dtype bfloat16 --k 1`.)
+# that H100 and are in benchmarks/PERFORMANCE.md: `variant_ab.py --arms ddm,dense_4d,... --dtype bfloat16 --k 1`.)
 # OUT_DIR gets summary.txt (each stage's exit status and the time it ended) and one log per stage.
 # Compiles are shared between stages through JAX's persistent cache (the K=1 train call of the
 # ablations, profile and xla stages is the same program).
