@@ -105,7 +105,7 @@ def _direct_conv3x3(x, kernel):
 @jax.custom_vjp
 def winograd_conv3x3(x, kernel):
     """A 3x3 'SAME' stride-1 conv of x (B, H, W, C), W a multiple of 4, with a (3, 3, C, F) kernel
-    (no bias): (B, H, W, F), as Winograd's F(4, 3) along W where it is not differentiated.
+    (no bias): (B, H, W, F), as Winograd's F(4, 3) along W.
 
     Each row of 4 output pixels is A^T [(G g) * (B^T d)] of the 6 input columns d around it, per
     kernel row: 6 convs of a 3x1 kernel (over H) on the transformed columns, one per product, so
@@ -113,15 +113,17 @@ def winograd_conv3x3(x, kernel):
     transforms are sums of strided slices. Float32 error is about 2e-6 of the output's scale (XLA's
     direct conv: about 5e-7).
 
-    Differentiated (a train step), the forward and both gradients are XLA's direct conv's: on 2 CPU
-    cores the train step was no faster with Winograd forward and input gradient (DDPM 1.01x, IDDPM
-    0.95x; benchmarks/variant_ab.py --arms ddm,direct_convs), while sampling was 1.16x to 1.21x.
+    Differentiated (a train step), the forward is Winograd's and both gradients are XLA's direct
+    conv's, from the same residuals (x and the kernel). On 2 CPU cores that train step was 1.02x and
+    1.03x faster than with direct convs throughout (DDPM), where Winograd's input gradient as well
+    made it 1.01x (DDPM) and 0.95x (IDDPM); sampling is 1.16x to 1.21x faster
+    (benchmarks/variant_ab.py --arms ddm,direct_convs).
     """
     return _winograd_w(x, kernel)
 
 
 def _winograd_fwd(x, kernel):
-    return _direct_conv3x3(x, kernel), (x, kernel)
+    return _winograd_w(x, kernel), (x, kernel)
 
 
 def _winograd_bwd(residuals, g):
@@ -135,8 +137,8 @@ def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
                           dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` as nn.Conv calls it, with the float32 stride-1 3x3 'SAME' convs
     of images at least WINOGRAD_MIN_WIDTH wide (a multiple of 4) run as ``winograd_conv3x3`` on CPU
-    (Winograd where not differentiated), where XLA's direct conv is matmul-bound and Winograd halves
-    its multiply-adds (through ``lax.platform_dependent``: accelerators, and every other conv, keep
+    (Winograd forward, direct-conv gradients), where XLA's direct conv is matmul-bound and Winograd
+    halves its multiply-adds (through ``lax.platform_dependent``: accelerators, and every other conv, keep
     XLA's own)."""
     direct = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -157,7 +159,7 @@ def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
 def _conv(features: int, dtype, *, kernel: int = 3, stride: int = 1, zero: bool = False,
           name: Optional[str] = None):
     """A kxk 'SAME' conv (TF padding, so a stride-2 conv pads one pixel right and bottom); on CPU the
-    float32 3x3 stride-1 ones run as Winograd F(4, 3) where not differentiated (``_conv_general_dilated``)."""
+    float32 3x3 stride-1 ones run forward as Winograd F(4, 3) (``_conv_general_dilated``)."""
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                    kernel_init=_kernel_init(zero), bias_init=nn.initializers.zeros,
                    dtype=dtype, param_dtype=jnp.float32, name=name, conv_general_dilated=_conv_general_dilated)
