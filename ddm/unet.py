@@ -115,8 +115,8 @@ def winograd_conv3x3(x, kernel):
 
     Differentiated (a train step), the forward is Winograd's and both gradients are XLA's direct
     conv's, from the same residuals (x and the kernel). On 2 CPU cores that train step was 1.02x and
-    1.03x faster than with direct convs throughout (DDPM), where Winograd's input gradient as well
-    made it 1.01x (DDPM) and 0.95x (IDDPM); sampling is 1.16x to 1.21x faster
+    1.03x (DDPM) and 1.05x (IDDPM) faster than with direct convs throughout, where Winograd's input
+    gradient as well made it 1.01x (DDPM) and 0.95x (IDDPM); sampling is 1.16x to 1.21x faster
     (benchmarks/variant_ab.py --arms ddm,direct_convs).
     """
     return _winograd_w(x, kernel)
@@ -138,8 +138,8 @@ def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
     """``lax.conv_general_dilated`` as nn.Conv calls it, with the float32 stride-1 3x3 'SAME' convs
     of images at least WINOGRAD_MIN_WIDTH wide (a multiple of 4) run as ``winograd_conv3x3`` on CPU
     (Winograd forward, direct-conv gradients), where XLA's direct conv is matmul-bound and Winograd
-    halves its multiply-adds (through ``lax.platform_dependent``: accelerators, and every other conv, keep
-    XLA's own)."""
+    halves its multiply-adds (through ``lax.platform_dependent``: accelerators, and every other conv,
+    keep XLA's own)."""
     direct = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,

@@ -392,7 +392,7 @@ def test_unet_convs_are_winograd_on_cpu_only_for_wide_float32_stride_1_3x3():
     assert y.shape == (2, 16, 5) and float(y[0, 0, 0]) == 8.0  # 2 taps x 4 channels at the edge
 
 
-def test_winograd_conv3x3_is_differentiated_as_xla_conv():
+def test_winograd_conv3x3_is_differentiated_by_xla_conv_gradients():
     # a train step runs the Winograd forward and the direct conv's two gradients (Winograd gradients
     # were not faster)
     x, kernel = jnp.ones((2, 16, 16, 4)), jnp.ones((3, 3, 4, 5))
