@@ -18,7 +18,7 @@ Arms (common.VARIANTS), each compiled once and timed in interleaved rounds (medi
                     (common.winograd_f2x2_conv3x3; measured and not adopted)
   direct_convs      every conv as XLA's direct convolution, in place of ddm.unet's Winograd F(4, 3)
                     along W (ddm.unet.winograd_conv3x3) for the float32 stride-1 3x3 convs on CPU
-                    (its forward; the gradients are XLA's direct convs in both arms)
+                    (its forward and input gradient; the kernel gradient is XLA's in both arms)
   threefry_dropout  flax's nn.Dropout (jax.random.bernoulli's threefry bits per element) in place of
                     ddm.unet.Dropout (masks hashed from the element index under a per-mask seed)
   einsum_heads      attention with the heads as an einsum axis, in place of

@@ -113,10 +113,12 @@ def winograd_conv3x3(x, kernel):
     transforms are sums of strided slices. Float32 error is about 2e-6 of the output's scale (XLA's
     direct conv: about 5e-7).
 
-    Differentiated (a train step), the forward is Winograd's and both gradients are XLA's direct
-    conv's, from the same residuals (x and the kernel). On 2 CPU cores that train step was 1.02x and
-    1.03x (DDPM) and 1.05x (IDDPM) faster than with direct convs throughout, where Winograd's input
-    gradient as well made it 1.01x (DDPM) and 0.95x (IDDPM); sampling is 1.16x to 1.21x faster
+    Differentiated (a train step), the input gradient is Winograd's too: it is itself a stride-1
+    'SAME' 3x3 conv, of the output gradient with the kernel turned 180 degrees and its channel axes
+    swapped. The kernel gradient is XLA's direct conv's. On 2 CPU cores (2026-11-28, K=4 train calls)
+    the Winograd forward made the train step 1.02x and 1.03x (DDPM) and 1.05x (IDDPM) faster than
+    direct convs throughout, and the Winograd input gradient 1.03x and 1.02x (DDPM) and 1.03x (IDDPM)
+    faster again, for 0.04 GiB more peak memory; sampling is 1.16x to 1.21x faster
     (benchmarks/variant_ab.py --arms ddm,direct_convs).
     """
     return _winograd_w(x, kernel)
@@ -127,7 +129,10 @@ def _winograd_fwd(x, kernel):
 
 
 def _winograd_bwd(residuals, g):
-    return jax.vjp(_direct_conv3x3, *residuals)[1](g)
+    x, kernel = residuals
+    dx = _winograd_w(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    dkernel = jax.vjp(lambda k: _direct_conv3x3(x, k), kernel)[1](g)[0]
+    return dx, dkernel
 
 
 winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
@@ -137,9 +142,9 @@ def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
                           dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` as nn.Conv calls it, with the float32 stride-1 3x3 'SAME' convs
     of images at least WINOGRAD_MIN_WIDTH wide (a multiple of 4) run as ``winograd_conv3x3`` on CPU
-    (Winograd forward, direct-conv gradients), where XLA's direct conv is matmul-bound and Winograd
-    halves its multiply-adds (through ``lax.platform_dependent``: accelerators, and every other conv,
-    keep XLA's own)."""
+    (the forward and the input gradient; the kernel gradient is the direct conv's), where XLA's direct
+    conv is matmul-bound and Winograd halves its multiply-adds (through ``lax.platform_dependent``:
+    accelerators, and every other conv, keep XLA's own)."""
     direct = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -159,7 +164,7 @@ def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
 def _conv(features: int, dtype, *, kernel: int = 3, stride: int = 1, zero: bool = False,
           name: Optional[str] = None):
     """A kxk 'SAME' conv (TF padding, so a stride-2 conv pads one pixel right and bottom); on CPU the
-    float32 3x3 stride-1 ones run forward as Winograd F(4, 3) (``_conv_general_dilated``)."""
+    float32 3x3 stride-1 ones run as Winograd F(4, 3), forward and input gradient (``_conv_general_dilated``)."""
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                    kernel_init=_kernel_init(zero), bias_init=nn.initializers.zeros,
                    dtype=dtype, param_dtype=jnp.float32, name=name, conv_general_dilated=_conv_general_dilated)

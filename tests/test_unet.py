@@ -392,16 +392,14 @@ def test_unet_convs_are_winograd_on_cpu_only_for_wide_float32_stride_1_3x3():
     assert y.shape == (2, 16, 5) and float(y[0, 0, 0]) == 8.0  # 2 taps x 4 channels at the edge
 
 
-def test_winograd_conv3x3_is_differentiated_by_xla_conv_gradients():
-    # a train step runs the Winograd forward and the direct conv's two gradients (Winograd gradients
-    # were not faster)
+def test_winograd_conv3x3_differentiates_its_input_by_winograd_and_its_kernel_by_xla_conv():
     x, kernel = jnp.ones((2, 16, 16, 4)), jnp.ones((3, 3, 4, 5))
     grad = jax.grad(lambda x, k: jnp.sum(winograd_conv3x3(x, k) ** 2), argnums=(0, 1))
     text = jax.jit(grad).lower(x, kernel).as_text()
     convs = re.findall(r"stablehlo.convolution.*, tensor<(\w+)>\) -> ", text)
-    # the forward's six 3x1 convs (over H), then the input gradient (the kernel as rhs) and the kernel
-    # gradient (the output gradient as rhs), each one direct 3x3 conv
-    assert sorted(convs) == ["2x16x16x5xf32"] + ["3x1x4x5xf32"] * 6 + ["3x3x4x5xf32"], convs
+    # six 3x1 convs (over H) each for the forward and for the input gradient (the kernel turned and
+    # its channels swapped), and the kernel gradient as one direct conv (the output gradient as rhs)
+    assert sorted(convs) == ["2x16x16x5xf32"] + ["3x1x4x5xf32"] * 6 + ["3x1x5x4xf32"] * 6, convs
 
 
 def test_unet_with_winograd_convs_matches_xla_convs_and_trains_with_them(monkeypatch):
@@ -423,10 +421,11 @@ def test_unet_with_winograd_convs_matches_xla_convs_and_trains_with_them(monkeyp
     out_ref, (value_ref, grads_ref), direct_convs = run()
     # the 16x16 level's eight 3x3 convs (conv_in, two in the down res block, four in the two up res
     # blocks, conv_out) are six 3x1 convs each
-    assert (winograd_convs, direct_convs) == ([8 * 6] * 2, [0, 0])  # in the forward and the gradient
+    # differentiated, seven of them also have a Winograd input gradient (not conv_in: the image is data)
+    assert (winograd_convs, direct_convs) == ([8 * 6, (8 + 7) * 6], [0, 0])
     assert float(jnp.max(jnp.abs(out_ref))) > 1e-2
     assert float(jnp.max(jnp.abs(out - out_ref))) < 1e-5 * float(jnp.max(jnp.abs(out_ref)))
-    # differentiated, the forward is Winograd's and the gradients XLA's, from the same residuals
+    # differentiated: the same value and gradients, to Winograd's float32 error
     assert float(value_ref) > 1e-3 and abs(float(value) - float(value_ref)) < 1e-5 * float(value_ref)
     ours, ref = ravel_pytree(grads)[0], ravel_pytree(grads_ref)[0]
     assert float(jnp.max(jnp.abs(ours - ref))) <= 1e-6 * float(jnp.max(jnp.abs(ref)))
