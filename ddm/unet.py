@@ -81,14 +81,19 @@ def _linear_combination(coefficients, terms):
     return total
 
 
-def _winograd_w(x, kernel):
-    """``winograd_conv3x3``'s value, by Winograd (see there)."""
-    batch, height, width, _ = x.shape
+def _pad_columns(x):
+    """x (B, H, W, C) with one zero column each side: a 3x3 'SAME' conv's padding along W."""
+    return jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+
+
+def _winograd_padded(xp, kernel):
+    """``winograd_conv3x3``'s value, by Winograd (see there), of an input already ``_pad_columns``."""
+    batch, height, width, _ = xp.shape
+    width -= 2
     if width % 4 or kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_conv3x3: needs W (here {width}) a multiple of 4 and a 3x3 kernel "
                          f"(here {kernel.shape[:2]}); use jax.lax.conv_general_dilated for others")
     tiles = width // 4
-    xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))  # 'SAME': one column each side
     d = [xp[:, :, t:t + 4 * (tiles - 1) + 1:4] for t in range(6)]  # sample t of every tile: (B, H, W/4, C)
     g = [kernel[:, j] for j in range(3)]  # the kernel's columns, (3, C, F) each
     m = [jax.lax.conv_general_dilated(_linear_combination(bt, d), _linear_combination(gr, g)[:, None],
@@ -96,10 +101,6 @@ def _winograd_w(x, kernel):
          for bt, gr in zip(WINOGRAD_BT, WINOGRAD_G)]  # 6 convs of 3x1 over H
     y = jnp.stack([_linear_combination(at, m) for at in WINOGRAD_AT], axis=3)  # (B, H, W/4, 4, F)
     return y.reshape(batch, height, width, -1)
-
-
-def _direct_conv3x3(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @jax.custom_vjp
@@ -121,18 +122,23 @@ def winograd_conv3x3(x, kernel):
     faster again, for 0.04 GiB more peak memory; sampling is 1.16x to 1.21x faster
     (benchmarks/variant_ab.py --arms ddm,direct_convs).
     """
-    return _winograd_w(x, kernel)
+    return _winograd_padded(_pad_columns(x), kernel)
 
 
 def _winograd_fwd(x, kernel):
-    return _winograd_w(x, kernel), (x, kernel)
+    # The padded input is the residual: XLA:CPU then writes the conv's input once, padded, where it
+    # wrote it plain (for the kernel gradient) and padded (for the transforms): train step 1.03x
+    # (DDPM) and 1.045x (IDDPM) faster.
+    xp = _pad_columns(x)
+    return _winograd_padded(xp, kernel), (xp, kernel)
 
 
 def _winograd_bwd(residuals, g):
-    x, kernel = residuals
-    dx = _winograd_w(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    dkernel = jax.vjp(lambda k: _direct_conv3x3(x, k), kernel)[1](g)[0]
-    return dx, dkernel
+    xp, kernel = residuals
+    dx = _winograd_padded(_pad_columns(g), jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    valid_w = lambda k: jax.lax.conv_general_dilated(xp, k, (1, 1), ((1, 1), (0, 0)),
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return dx, jax.vjp(valid_w, kernel)[1](g)[0]
 
 
 winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)

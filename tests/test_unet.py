@@ -396,10 +396,12 @@ def test_winograd_conv3x3_differentiates_its_input_by_winograd_and_its_kernel_by
     x, kernel = jnp.ones((2, 16, 16, 4)), jnp.ones((3, 3, 4, 5))
     grad = jax.grad(lambda x, k: jnp.sum(winograd_conv3x3(x, k) ** 2), argnums=(0, 1))
     text = jax.jit(grad).lower(x, kernel).as_text()
-    convs = re.findall(r"stablehlo.convolution.*, tensor<(\w+)>\) -> ", text)
-    # six 3x1 convs (over H) each for the forward and for the input gradient (the kernel turned and
-    # its channels swapped), and the kernel gradient as one direct conv (the output gradient as rhs)
-    assert sorted(convs) == ["2x16x16x5xf32"] + ["3x1x4x5xf32"] * 6 + ["3x1x5x4xf32"] * 6, convs
+    convs = re.findall(r"stablehlo.convolution.*: \(tensor<(\w+)>, tensor<(\w+)>\) -> ", text)
+    # six 3x1 convs (over H) of tiles (W/4 = 4) each for the forward and for the input gradient (the
+    # kernel turned and its channels swapped), and the kernel gradient as one direct conv of the
+    # residual, the input padded along W (18 columns), with the output gradient as rhs
+    assert sorted(convs) == ([("2x16x18x4xf32", "2x16x16x5xf32")] + [("2x16x4x4xf32", "3x1x4x5xf32")] * 6
+                             + [("2x16x4x5xf32", "3x1x5x4xf32")] * 6), convs
 
 
 def test_unet_with_winograd_convs_matches_xla_convs_and_trains_with_them(monkeypatch):
