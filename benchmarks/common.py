@@ -915,7 +915,7 @@ def folded_norm_grads():
     inside the block."""
     import ddm.unet as unet
 
-    return _swapped(unet, "_scale_bias_grads", lambda a, b: (jnp.sum(a, axis=0), jnp.sum(b, axis=0)))
+    return _swapped(unet, "_scale_bias_grads", unet._batch_sums)
 
 
 @contextlib.contextmanager
@@ -926,10 +926,9 @@ def reduced_group_sums():
     ``ddm.unet._stacked_batch_sums``' one: as before both. Trace (lower) the step inside the block."""
     import ddm.unet as unet
 
-    def two_reductions(dy_xhat, dy_sum):
-        return tuple(jnp.sum(s, axis=0) for s in jax.lax.optimization_barrier((dy_xhat, dy_sum)))
-
-    reduced = lambda v, num_groups, positions: jnp.sum(v.reshape(v.shape[0], num_groups, -1), axis=-1)
+    batch_sums, sum_by_reduction = unet._batch_sums, unet._sum_by_reduction
+    two_reductions = lambda dy_xhat, dy_sum: batch_sums(*jax.lax.optimization_barrier((dy_xhat, dy_sum)))
+    reduced = lambda v, num_groups, positions: sum_by_reduction(v.reshape(v.shape[0], num_groups, -1))
     with _swapped(unet, "_group_sums", reduced), _swapped(unet, "_stacked_batch_sums", two_reductions):
         yield
 

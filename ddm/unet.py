@@ -70,6 +70,9 @@ WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0,
 WINOGRAD_MIN_WIDTH = 16  # narrower images keep XLA's conv: with the 8x8 ones too, the sampling step was 0.97x
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")  # the convs' dimension numbers: images NHWC, kernels HWIO
+
+
 def _linear_combination(coefficients, terms):
     """sum_i c_i * terms_i, with no term for c_i = 0 and no multiply for c_i = +-1."""
     total = None
@@ -97,7 +100,7 @@ def _winograd_padded(xp, kernel):
     d = [xp[:, :, t:t + 4 * (tiles - 1) + 1:4] for t in range(6)]  # sample t of every tile: (B, H, W/4, C)
     g = [kernel[:, j] for j in range(3)]  # the kernel's columns, (3, C, F) each
     m = [jax.lax.conv_general_dilated(_linear_combination(bt, d), _linear_combination(gr, g)[:, None],
-                                      (1, 1), ((1, 1), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      (1, 1), ((1, 1), (0, 0)), dimension_numbers=_NHWC)
          for bt, gr in zip(WINOGRAD_BT, WINOGRAD_G)]  # 6 convs of 3x1 over H
     y = jnp.stack([_linear_combination(at, m) for at in WINOGRAD_AT], axis=3)  # (B, H, W/4, 4, F)
     return y.reshape(batch, height, width, -1)
@@ -136,8 +139,7 @@ def _winograd_fwd(x, kernel):
 def _winograd_bwd(residuals, g):
     xp, kernel = residuals
     dx = _winograd_padded(_pad_columns(g), jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    valid_w = lambda k: jax.lax.conv_general_dilated(xp, k, (1, 1), ((1, 1), (0, 0)),
-                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    valid_w = lambda k: jax.lax.conv_general_dilated(xp, k, (1, 1), ((1, 1), (0, 0)), dimension_numbers=_NHWC)
     return dx, jax.vjp(valid_w, kernel)[1](g)[0]
 
 
@@ -157,7 +159,7 @@ def _conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
                                precision=precision, **kwargs)
     if x.ndim != 4 or kernel.shape[:2] != (3, 3):
         return direct(x, kernel)
-    nhwc = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    nhwc = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC)
     if (tuple(window_strides) != (1, 1) or padding != "SAME" or feature_group_count != 1 or kwargs
             or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
             or jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers) != nhwc
@@ -286,8 +288,12 @@ def _scale_bias_grads(dy_xhat, dy_sum):
     0.986x; float32, batch 8, ``benchmarks/variant_ab.py --arms ddm,folded_norm_grads``), so CPU
     keeps XLA's folding (``lax.platform_dependent``).
     """
-    folded = lambda a, b: (jnp.sum(a, axis=0), jnp.sum(b, axis=0))
-    return jax.lax.platform_dependent(dy_xhat, dy_sum, cpu=folded, default=_stacked_batch_sums)
+    return jax.lax.platform_dependent(dy_xhat, dy_sum, cpu=_batch_sums, default=_stacked_batch_sums)
+
+
+def _batch_sums(dy_xhat, dy_sum):
+    """The (C,) sums over the batch of two (B, C) arrays, each its own reduction."""
+    return jnp.sum(dy_xhat, axis=0), jnp.sum(dy_sum, axis=0)
 
 
 def _group_norm_bwd(num_groups, eps, residuals, dy):
@@ -434,7 +440,7 @@ def upsample_conv(x, kernel, dtype):
     def phase(a, b):
         taps = _subpixel_taps(_subpixel_taps(kernel, 0, a), 1, b).astype(dtype)  # (2, 2, C, F)
         return jax.lax.conv_general_dilated(x, taps, (1, 1), ((1 - a, a), (1 - b, b)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                            dimension_numbers=_NHWC)
 
     y = jnp.stack([jnp.stack([phase(a, b) for b in (0, 1)], axis=3) for a in (0, 1)], axis=2)
     batch, height, width, features = x.shape[0], x.shape[1], x.shape[2], kernel.shape[-1]
