@@ -977,6 +977,20 @@ def flat_optimizer():
             yield
 
 
+def _tanh_swish(x):
+    return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
+
+
+def tanh_swish():
+    """While active, the swish activations ddm.unet applies are x (1 + tanh(x / 2)) / 2, the same
+    function (within 2.1e-6 of ``nn.swish`` and its gradient over [-30, 30]), where XLA:CPU computes
+    tanh as a rational function instead of the sigmoid's exp and divide. No gain on 2 CPU cores (Zen
+    4): see PERFORMANCE.md. Trace (lower) the step inside the block."""
+    import ddm.unet as unet
+
+    return _swapped(unet.nn, "swish", _tanh_swish)
+
+
 # --------------------------------------------------------------------------------------------- #
 # Ablations: ddm with one piece taken out (not the same model), so that ddm's time minus the
 # ablation's is what the piece costs in a whole step: attributed on any device, where a profile's
@@ -1042,7 +1056,8 @@ VARIANTS = {"ddm": contextlib.nullcontext, "flax_group_norm": flax_group_norm,
             "dense_4d": dense_4d, "flat_norm": flat_norm, "concat_skip": concat_skip,
             "folded_norm_grads": folded_norm_grads, "flat_optimizer": flat_optimizer,
             "leaf_norms": leaf_norms, "cudnn_attention": cudnn_attention,
-            "reduced_group_sums": reduced_group_sums, "rng_per_dropout": rng_per_dropout, **ABLATIONS}
+            "reduced_group_sums": reduced_group_sums, "rng_per_dropout": rng_per_dropout,
+            "tanh_swish": tanh_swish, **ABLATIONS}
 
 
 @contextlib.contextmanager

@@ -442,6 +442,25 @@ def test_ablation_arms_take_their_piece_out_only_inside_the_block(ablation, prim
     assert not jnp.array_equal(ablated, apply(params))  # a different model
 
 
+def test_tanh_swish_arm_is_the_same_function_through_tanh_only_inside_the_block():
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    params = common.random_params(model, (8, 8, 3))
+    x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3)), jnp.array([3, 500])
+    apply = lambda p: model.apply({"params": p}, x, t, train=False)
+    # New functions each time, so that jit traces them anew (inside or outside the block).
+    output_and_grads = lambda: (jax.jit(lambda p: apply(p))(params),
+                                jax.jit(jax.grad(lambda p: jnp.sum(apply(p) ** 2)))(params))
+    with common.VARIANTS["tanh_swish"]():
+        counts = _primitive_count("tanh", apply, params), _primitive_count("logistic", apply, params)
+        out, grads = output_and_grads()
+    assert counts[0] > 0 and counts[1] == 0
+    assert _primitive_count("tanh", apply, params) == 0 and _primitive_count("logistic", apply, params) > 0
+    ref, ref_grads = output_and_grads()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, atol=1e-4 * float(jnp.max(jnp.abs(r))) + 1e-7)
+
+
 def test_without_ema_arm_leaves_the_ema_parameters_as_they_are_only_inside_the_block():
     import numpy as np
 
