@@ -53,11 +53,13 @@ def test_cpu_only_reads_jax_platforms_then_the_installed_plugins(monkeypatch):
     assert not xla_cpu.cpu_only({})
 
 
-# A child process: import ddm, then make x = f(x) ten times, as a train loop makes its state, with a
-# jitted f whose output is 128 MB; print the async setting and each call's page faults in pages. With
-# glibc's defaults each output is mapped apart, so every call faults in all its pages; with ddm's
-# settings the heap grows over the first calls (the old x is alive while the new one is written) and
-# later calls reuse it, bar an occasional call that finds no hole of the size.
+# A child process: import ddm, then make x = f(x) thirty times, as a train loop makes its state, with
+# a jitted f whose output is 128 MB; print the async setting and each call's page faults in pages.
+# With glibc's defaults each output is mapped apart, so every call faults in all its pages. With
+# ddm's settings the heap grows over the first calls (the old x is alive while the new one is
+# written) until it holds both. A small allocation that lands in a freed hole can make a later call
+# grow it once more: in 36 runs, two at a time, 0 of the last 20 calls faulted in 22 runs, 1 in 8 and
+# 2 in 6 (the test allows 5). With glibc's defaults, or async dispatch, all 20 faulted in each of 4 runs.
 FAULTS_CHILD = """
 import json, resource
 import ddm
@@ -65,7 +67,7 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 0.5)
 x = jnp.ones((32, 1024, 1024), jnp.float32)
 faults = []
-for _ in range(10):
+for _ in range(30):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = jax.block_until_ready(f(x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -74,7 +76,7 @@ print(json.dumps({"faults": faults, "async": jax.config.read("jax_cpu_enable_asy
 
 
 def _faulting_calls(**env):
-    """(async setting, how many of the child's last 6 calls faulted in at least half the output)."""
+    """(async setting, how many of the child's last 20 calls faulted in at least half the output)."""
     import json
     import subprocess
 
@@ -85,15 +87,15 @@ def _faulting_calls(**env):
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     half = 64 * 2 ** 20 // os.sysconf("SC_PAGE_SIZE")
-    return out["async"], sum(faults >= half for faults in out["faults"][4:])
+    return out["async"], sum(faults >= half for faults in out["faults"][10:])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="the host-memory settings are glibc's")
 def test_host_memory_stays_mapped_between_calls_with_ddms_settings():
-    assert _faulting_calls(DDM_XLA_CPU_DEFAULTS="0") == (True, 6)
+    assert _faulting_calls(DDM_XLA_CPU_DEFAULTS="0") == (True, 20)
     is_async, faulting = _faulting_calls()
-    assert not is_async and faulting <= 2
+    assert not is_async and faulting <= 5
     # The user's own async setting wins. XLA's dispatch thread then allocates the output in an arena
     # of its own, which maps a block this large apart whatever mallopt says.
-    assert _faulting_calls(JAX_CPU_ENABLE_ASYNC_DISPATCH="1") == (True, 6)
+    assert _faulting_calls(JAX_CPU_ENABLE_ASYNC_DISPATCH="1") == (True, 20)
