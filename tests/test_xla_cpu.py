@@ -60,6 +60,7 @@ def test_cpu_only_reads_jax_platforms_then_the_installed_plugins(monkeypatch):
 # written) until it holds both. A small allocation that lands in a freed hole can make a later call
 # grow it once more: in 36 runs, two at a time, 0 of the last 20 calls faulted in 22 runs, 1 in 8 and
 # 2 in 6 (the test allows 5). With glibc's defaults, or async dispatch, all 20 faulted in each of 4 runs.
+COUNTED = 20  # the child's last calls that the test counts, after the heap has grown
 FAULTS_CHILD = """
 import json, resource
 import ddm
@@ -76,7 +77,7 @@ print(json.dumps({"faults": faults, "async": jax.config.read("jax_cpu_enable_asy
 
 
 def _faulting_calls(**env):
-    """(async setting, how many of the child's last 20 calls faulted in at least half the output)."""
+    """(async setting, how many of the child's last COUNTED calls faulted in at least half the output)."""
     import json
     import subprocess
 
@@ -87,15 +88,15 @@ def _faulting_calls(**env):
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     half = 64 * 2 ** 20 // os.sysconf("SC_PAGE_SIZE")
-    return out["async"], sum(faults >= half for faults in out["faults"][10:])
+    return out["async"], sum(faults >= half for faults in out["faults"][-COUNTED:])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="the host-memory settings are glibc's")
 def test_host_memory_stays_mapped_between_calls_with_ddms_settings():
-    assert _faulting_calls(DDM_XLA_CPU_DEFAULTS="0") == (True, 20)
+    assert _faulting_calls(DDM_XLA_CPU_DEFAULTS="0") == (True, COUNTED)
     is_async, faulting = _faulting_calls()
     assert not is_async and faulting <= 5
     # The user's own async setting wins. XLA's dispatch thread then allocates the output in an arena
     # of its own, which maps a block this large apart whatever mallopt says.
-    assert _faulting_calls(JAX_CPU_ENABLE_ASYNC_DISPATCH="1") == (True, 20)
+    assert _faulting_calls(JAX_CPU_ENABLE_ASYNC_DISPATCH="1") == (True, COUNTED)
